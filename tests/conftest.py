@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random HF models saved to disk (nothing is downloaded), and the default model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from dualpath_sdk.model.loader import Model, load_model
+
+# One thread: CPU tests share 2 cores with other processes, where OpenMP threads spin and stall.
+torch.set_num_threads(1)
+
+_COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+    initializer_range=0.2,  # peaked logits: greedy ties between implementations are not a coin flip
+    tie_word_embeddings=False,
+)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "llama3-rope": lambda: LlamaConfig(
+        **_COMMON,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen3": lambda: Qwen3Config(**_COMMON),
+    "mistral-window": lambda: MistralConfig(**_COMMON, sliding_window=48),
+}
+
+
+@dataclass
+class Pair:
+    """Our Model and the HF reference model on the same weights."""
+
+    ours: Model
+    ref: PreTrainedModel
+    path: Path
+
+
+def _pair(path: Path, config_factory) -> Pair:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config_factory(), attn_implementation="sdpa").eval()
+    ref.save_pretrained(path)
+    return Pair(load_model(path), ref, path)
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    return _pair(tmp_path_factory.mktemp(request.param), TINY_CONFIGS[request.param])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    return _pair(tmp_path_factory.mktemp("llama"), TINY_CONFIGS["llama"])
+
+
+@pytest.fixture(scope="session")
+def default_pair() -> Pair:
+    ours = load_model()  # converts the packaged GGUF once into the cache
+    ref = AutoModelForCausalLM.from_pretrained(ours.path, dtype=torch.float32).eval()
+    return Pair(ours, ref, ours.path)
