@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 
 from dualpath_sdk.config import EngineConfig
 from dualpath_sdk.engine.core import EngineCore
@@ -28,12 +29,11 @@ def _prompt(pair: Pair, n: int, seed: int = 1) -> list[int]:
 def _hf_greedy(pair: Pair, prompt: list[int], n: int = 32) -> list[int]:
     """Greedy decoding with transformers' own forward and KV cache, end-of-sequence ignored."""
     out: list[int] = []
-    ids, past = torch.tensor([prompt]), None
+    ids, cache = torch.tensor([prompt]), DynamicCache(config=pair.ref.config)
     with torch.no_grad():
         for _ in range(n):
-            step = pair.ref(ids, past_key_values=past, use_cache=True)
-            past = step.past_key_values
-            out.append(int(step.logits[0, -1].argmax()))
+            logits = pair.ref(ids, cache=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
             ids = torch.tensor([[out[-1]]])
     return out
 

@@ -47,7 +47,8 @@ class AttentionBatch:
             pos = torch.arange(s.start + s.new)
             flat = table[pos // block_size] * block_size + pos % block_size
             slots.append(flat[s.start :])
-            gathers.append(F.pad(flat, (0, max_kv - flat.numel())))
+            # pad with the sequence's own first slot: written, so masked-out padding is never NaN garbage
+            gathers.append(F.pad(flat, (0, max_kv - flat.numel()), value=int(flat[0])))
             positions.append(pos[s.start :])
             q_index.append(torch.arange(s.new) + b * max_q)
         return cls(
