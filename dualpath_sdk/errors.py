@@ -27,3 +27,11 @@ class EngineUnavailable(DualPathError):
 
 class StorageError(DualPathError, OSError):
     """The persistent store failed (disk full, backend down); cached KV falls back to recompute."""
+
+
+class ManifestCorrupt(StorageError):
+    """A session manifest exists but cannot be trusted (damaged, truncated or of an unknown version)."""
+
+
+class BufferTimeout(DualPathError, TimeoutError):
+    """A host buffer stayed full for longer than the caller would wait."""

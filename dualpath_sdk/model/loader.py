@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from dualpath_sdk.config import cache_dir
 from dualpath_sdk.errors import InvalidInput
 from dualpath_sdk.model.spec import ModelSpec
 from dualpath_sdk.model.transformer import Transformer
@@ -42,10 +42,6 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DUALPATH_CACHE", Path.home() / ".cache" / "dualpath"))
 
 
 def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Model:

@@ -1,0 +1,116 @@
+"""The persistent-store interface every backend implements (fs, mooncake).
+
+Blocks are content-addressed by their chain key (kv/keys.py), so a key is written once and never
+changes: a second put of the same key is a no-op. A read either fills the caller's buffer with the
+verified block and returns True, or returns False (absent, evicted, corrupt): a miss means
+recompute, never a wrong answer. The caller's buffer holds garbage after a False.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from dualpath_sdk.kv.block import FullBlock
+from dualpath_sdk.kv.keys import BlockKey
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters of this store object (this process), plus what the shared index holds."""
+
+    hits: int
+    misses: int
+    bytes_read: int
+    bytes_written: int
+    corrupt: int
+    evicted: int
+    blocks: int
+    stored_bytes: int
+    pinned_blocks: int
+
+
+@dataclass
+class Counters:
+    """Thread-safe per-process counters behind StoreStats."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    corrupt: int = 0
+    evicted: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+class BlockStore(ABC):
+    """A persistent store of Full Blocks keyed by block key, with pins, a capacity and LRU eviction."""
+
+    def __init__(self, read_threads: int) -> None:
+        self.counters = Counters()
+        self._pool = ThreadPoolExecutor(max_workers=read_threads, thread_name_prefix="kv-read")
+
+    @abstractmethod
+    def put(self, key: BlockKey, parent_key: BlockKey | None, token_count: int, block: FullBlock) -> None:
+        """Persist `block` under `key`; visible to readers only once complete. Raises StorageError."""
+
+    @abstractmethod
+    def get_into(self, key: BlockKey, block: FullBlock) -> bool:
+        """Read and verify `key` straight into `block`'s buffer; False on a miss or a corrupt block."""
+
+    @abstractmethod
+    def contains(self, key: BlockKey) -> bool:
+        """Whether `key` is stored (a later read may still miss if it is evicted or corrupt)."""
+
+    @abstractmethod
+    def pin(self, owner: str, keys: Sequence[BlockKey], ttl_s: float) -> int:
+        """Protect `keys` from eviction for `ttl_s` on behalf of `owner` (a session); pinning again extends
+        it. Returns how many of the keys are stored and now pinned."""
+
+    @abstractmethod
+    def unpin(self, owner: str, keys: Sequence[BlockKey] | None = None) -> None:
+        """Drop `owner`'s pins on `keys` (all of them when None)."""
+
+    @abstractmethod
+    def evict_to_capacity(self) -> int:
+        """Evict unpinned blocks, least recently used first, until under capacity; returns how many."""
+
+    @abstractmethod
+    def _totals(self) -> tuple[int, int, int]:
+        """(blocks, stored bytes, pinned blocks) as the backend sees them."""
+
+    def read_many(self, items: Sequence[tuple[BlockKey, FullBlock]]) -> list[bool]:
+        """Read many blocks in parallel, each into its own buffer; one bool per item."""
+        return list(self._pool.map(lambda item: self.get_into(*item), items))
+
+    def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
+        """How many leading keys are stored: the cached prefix in whole blocks (chain keys make a
+        stored block imply nothing about its successors, so walk until the first absent one)."""
+        for i, key in enumerate(keys):
+            if not self.contains(key):
+                return i
+        return len(keys)
+
+    def stats(self) -> StoreStats:
+        c = self.counters
+        blocks, stored, pinned = self._totals()
+        return StoreStats(
+            c.hits, c.misses, c.bytes_read, c.bytes_written, c.corrupt, c.evicted, blocks, stored, pinned
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

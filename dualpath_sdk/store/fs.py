@@ -1,0 +1,267 @@
+"""The `fs` backend: one file per Full Block in a sharded directory (local disk or a DFS mount).
+
+File = a 4096-byte header + the payload padded to 4096 bytes, so the payload lands page-aligned and
+a whole block moves in one preadv, with O_DIRECT where the file system allows it. A block becomes
+visible only when complete: written to tmp/, fsynced, renamed into blocks/<first key byte>/, that
+directory fsynced. The 256 shard directories are made (and made durable) once, when a store opens.
+Files are the truth for presence; the shared SQLite index (index.py) holds sizes, LRU order and
+pins. The index is written after the rename, so a crash in between leaves a block only eviction
+does not see; `_recover` re-adds such blocks when the index itself is lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from dualpath_sdk.errors import InvalidInput, StorageError
+from dualpath_sdk.kv.block import FullBlock, payload_checksum
+from dualpath_sdk.kv.keys import BlockKey
+from dualpath_sdk.store.aligned import ALIGN, aligned_empty, byte_view, round_up
+from dualpath_sdk.store.backend import BlockStore
+from dualpath_sdk.store.header import HEADER_BYTES, decode_header, encode_header
+from dualpath_sdk.store.index import BlockIndex, Clock
+from dualpath_sdk.store.limiter import StorageNicLimiter
+
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+log = logging.getLogger(__name__)
+
+
+class FsStore(BlockStore):
+    """Full Blocks as files under `root`, shared by every process that opens the same root."""
+
+    def __init__(
+        self,
+        root: Path,
+        capacity_bytes: int | None = None,
+        read_threads: int = 16,
+        direct_io: bool = True,
+        limiter: StorageNicLimiter | None = None,
+        index_journal: str = "WAL",
+        clock: Clock = time.time,
+    ) -> None:
+        super().__init__(read_threads)
+        self.root = Path(root)
+        self.capacity_bytes = capacity_bytes
+        self.limiter = limiter
+        self._direct = direct_io and _O_DIRECT != 0
+        self._tls = threading.local()
+        self._host = socket.gethostname()
+        for sub in ("tmp", "quarantine", *(f"blocks/{i:02x}" for i in range(256))):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        _fsync_dir(self.root / "blocks")
+        _fsync_dir(self.root)
+        index_path = self.root / "index.sqlite"
+        fresh_index = not index_path.exists()
+        self.index = BlockIndex(index_path, clock, index_journal)
+        self._recover(fresh_index)
+
+    # -- layout -------------------------------------------------------------------------------------
+    def path_of(self, key: BlockKey) -> Path:
+        h = key.hex()
+        return self.root / "blocks" / h[:2] / f"{h}.kv"
+
+    def _scratch(self) -> memoryview:
+        """This thread's aligned header + tail buffer (2 pages), reused across I/Os."""
+        buf = getattr(self._tls, "buf", None)
+        if buf is None:
+            buf = self._tls.buf = byte_view(aligned_empty(2 * ALIGN))
+        return buf
+
+    def _open(self, path: Path, flags: int, direct: bool) -> tuple[int, bool]:
+        """Open with O_DIRECT when asked and allowed; a file system that refuses it (tmpfs) turns it off."""
+        if direct and self._direct:
+            try:
+                return os.open(path, flags | _O_DIRECT, 0o644), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct = False
+        return os.open(path, flags, 0o644), False
+
+    # -- write --------------------------------------------------------------------------------------
+    def put(self, key: BlockKey, parent_key: BlockKey | None, token_count: int, block: FullBlock) -> None:
+        final = self.path_of(key)
+        if final.exists():  # content-addressed: the same key is the same bytes
+            self.index.touch([key])
+            return
+        raw = block.raw
+        nbytes = raw.numel()
+        file_bytes = HEADER_BYTES + round_up(nbytes)
+        if self.capacity_bytes is not None:
+            self._delete(self.index.take_victims(self.capacity_bytes, file_bytes, strict=True))
+        if self.limiter is not None:
+            self.limiter.acquire_write(file_bytes)
+        header = encode_header(
+            key, parent_key, token_count, block.layout.dtype_name, nbytes, block.checksum()
+        )
+        tmp = self.root / "tmp" / f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}.tmp"
+        try:
+            self._write_file(tmp, header, raw, file_bytes)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"writing block {key.hex()} to {self.root}: {exc}") from exc
+        self.index.add(key, file_bytes)
+        self.counters.add(bytes_written=nbytes)
+
+    def _write_file(self, tmp: Path, header: bytes, raw: torch.Tensor, file_bytes: int) -> None:
+        nbytes = raw.numel()
+        payload = byte_view(raw)
+        scratch = self._scratch()
+        head, tail = scratch[:ALIGN], scratch[ALIGN:]
+        head[: len(header)] = header
+        head[len(header) :] = bytes(ALIGN - len(header))
+        fd, direct = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, raw.data_ptr() % ALIGN == 0)
+        try:
+            if direct:
+                main = nbytes // ALIGN * ALIGN
+                buffers = [head, payload[:main]]
+                if main < nbytes:
+                    tail[: nbytes - main] = payload[main:]
+                    tail[nbytes - main :] = bytes(ALIGN - (nbytes - main))
+                    buffers.append(tail)
+            else:
+                buffers = [head, payload, memoryview(bytes(file_bytes - HEADER_BYTES - nbytes))]
+            written = os.pwritev(fd, buffers, 0)
+            if written != file_bytes:
+                raise OSError(errno.ENOSPC, f"short write: {written} of {file_bytes} bytes")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- read ---------------------------------------------------------------------------------------
+    def get_into(self, key: BlockKey, block: FullBlock) -> bool:
+        hit = self._read(key, block)
+        if hit:
+            self._touch([key])
+        return hit
+
+    def read_many(self, items: Sequence[tuple[BlockKey, FullBlock]]) -> list[bool]:
+        hits = list(self._pool.map(lambda item: self._read(*item), items))
+        self._touch([key for (key, _), hit in zip(items, hits, strict=True) if hit])
+        return hits
+
+    def _touch(self, keys: list[BlockKey]) -> None:
+        """Refresh LRU order; a read that succeeded must not fail because bookkeeping did (disk full)."""
+        try:
+            self.index.touch(keys)
+        except StorageError as exc:
+            log.warning("LRU update skipped: %s", exc)
+
+    def _read(self, key: BlockKey, block: FullBlock) -> bool:
+        path = self.path_of(key)
+        raw = block.raw
+        nbytes = raw.numel()
+        try:
+            fd, direct = self._open(path, os.O_RDONLY, raw.data_ptr() % ALIGN == 0)
+        except FileNotFoundError:
+            self.counters.add(misses=1)
+            return False
+        try:
+            if self.limiter is not None:
+                self.limiter.acquire_read(HEADER_BYTES + round_up(nbytes))
+            payload = byte_view(raw)
+            scratch = self._scratch()
+            head, tail = scratch[:ALIGN], scratch[ALIGN:]
+            main = nbytes // ALIGN * ALIGN if direct else nbytes
+            buffers = [head, payload[:main]] + ([tail] if main < nbytes else [])
+            got = os.preadv(fd, buffers, 0)
+        except OSError as exc:
+            raise StorageError(f"reading block {key.hex()} from {self.root}: {exc}") from exc
+        finally:
+            os.close(fd)
+        header = decode_header(head) if got >= HEADER_BYTES else None
+        if header is not None:
+            hkey, _, _, dtype, stored_nbytes, _ = header
+            if hkey == key and (stored_nbytes, dtype) != (nbytes, block.layout.dtype_name):
+                raise InvalidInput(
+                    f"block {key.hex()} holds {stored_nbytes} bytes of {dtype}; the buffer is "
+                    f"{nbytes} bytes of {block.layout.dtype_name} (wrong KVLayout for this namespace)"
+                )
+        if header is None or header[0] != key or got < HEADER_BYTES + nbytes:
+            return self._quarantine(key, path)
+        if main < nbytes:
+            payload[main:] = tail[: nbytes - main]
+        if payload_checksum(raw) != header[5]:
+            return self._quarantine(key, path)
+        self.counters.add(hits=1, bytes_read=nbytes)
+        return True
+
+    def _quarantine(self, key: BlockKey, path: Path) -> bool:
+        """Move a damaged block aside (kept for inspection), forget it, and report a miss."""
+        target = self.root / "quarantine" / f"{key.hex()}-{time.time_ns()}.kv"
+        with contextlib.suppress(FileNotFoundError):  # another reader quarantined it first
+            os.rename(path, target)
+        self.index.remove(key)
+        self.counters.add(misses=1, corrupt=1)
+        return False
+
+    # -- presence, pins, eviction --------------------------------------------------------------------
+    def contains(self, key: BlockKey) -> bool:
+        return self.path_of(key).exists()
+
+    def pin(self, owner: str, keys: Sequence[BlockKey], ttl_s: float) -> int:
+        return self.index.pin(owner, keys, ttl_s)
+
+    def unpin(self, owner: str, keys: Sequence[BlockKey] | None = None) -> None:
+        self.index.unpin(owner, keys)
+
+    def evict_to_capacity(self) -> int:
+        if self.capacity_bytes is None:
+            return 0
+        victims = self.index.take_victims(self.capacity_bytes)
+        self._delete(victims)
+        return len(victims)
+
+    def _delete(self, keys: Sequence[BlockKey]) -> None:
+        for key in keys:
+            self.path_of(key).unlink(missing_ok=True)
+        self.counters.add(evicted=len(keys))
+
+    def _totals(self) -> tuple[int, int, int]:
+        t = self.index.totals()
+        return t.blocks, t.nbytes, t.pinned_blocks
+
+    def _recover(self, fresh_index: bool) -> None:
+        """Remove temp files of dead writers on this host; re-index the blocks if the index was lost."""
+        prefix = f"{self._host}-"
+        for tmp in (self.root / "tmp").iterdir():
+            if tmp.name.startswith(prefix) and not _alive(int(tmp.name[len(prefix) :].split("-")[0])):
+                tmp.unlink(missing_ok=True)
+        if fresh_index:
+            for path in (self.root / "blocks").glob("*/*.kv"):
+                self.index.add(bytes.fromhex(path.stem), path.stat().st_size)
+
+    def close(self) -> None:
+        super().close()
+        self.index.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

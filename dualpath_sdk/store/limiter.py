@@ -1,0 +1,106 @@
+"""The storage-NIC limiter: one bandwidth cap per node on persistent reads and writes.
+
+In the paper every node has one storage NIC, and the PE nodes' SNICs are the bottleneck. On one
+machine we reproduce that by giving each simulated node a token bucket that every engine process of
+that node shares: the bucket lives in a small file under /dev/shm, mmap'd by each process, and one
+flock serialises its updates. Reads and writes have separate buckets (a NIC is full duplex).
+
+A request reserves its bytes at once and sleeps off any debt, so the granted rate over any window
+is the set rate plus at most one burst, whatever the request sizes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import re
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dualpath_sdk.errors import InvalidInput
+
+# Per direction: rate (bytes/s), tokens (bytes, may go negative = debt), last refill time.
+_BUCKET = struct.Struct("<ddd")
+_READ, _WRITE = 0, _BUCKET.size
+_SIZE = 2 * _BUCKET.size
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class StorageNicLimiter:
+    """A per-node token bucket shared by every process that opens the same `node` name.
+
+    `read_bps`/`write_bps` of None leave that direction unlimited. `burst_s` is how many seconds of
+    rate an idle bucket may save up. The clock must be system-wide (CLOCK_MONOTONIC is on Linux).
+    """
+
+    def __init__(
+        self,
+        node: str,
+        read_bps: float | None,
+        write_bps: float | None = None,
+        burst_s: float = 0.01,
+        directory: Path = Path("/dev/shm"),
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if not _NAME.match(node):
+            raise InvalidInput(f"limiter node name {node!r} must match {_NAME.pattern}")
+        for rate in (read_bps, write_bps):
+            if rate is not None and rate <= 0:
+                raise InvalidInput(f"a limiter rate must be positive or None, got {rate}")
+        self.node = node
+        self.burst_s = burst_s
+        self.clock = clock
+        self.sleep = sleep
+        self.path = directory / f"dualpath-snic-{node}"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size < _SIZE:
+                os.ftruncate(fd, _SIZE)
+            self._map = mmap.mmap(fd, _SIZE)
+            # Every engine of a node has the same configuration: the latest opener sets the rates and
+            # keeps the bucket's tokens, so a late opener does not forgive the others' debt.
+            for offset, rate in ((_READ, read_bps), (_WRITE, write_bps)):
+                _, tokens, last = _BUCKET.unpack_from(self._map, offset)
+                _BUCKET.pack_into(self._map, offset, rate or 0.0, tokens, last)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        self._fd = fd
+
+    def acquire_read(self, nbytes: int) -> float:
+        """Block until `nbytes` of read bandwidth is granted; returns the seconds waited."""
+        return self._acquire(_READ, nbytes)
+
+    def acquire_write(self, nbytes: int) -> float:
+        """Block until `nbytes` of write bandwidth is granted; returns the seconds waited."""
+        return self._acquire(_WRITE, nbytes)
+
+    def _acquire(self, offset: int, nbytes: int) -> float:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            rate, tokens, last = _BUCKET.unpack_from(self._map, offset)
+            if rate <= 0:
+                return 0.0
+            now = self.clock()
+            tokens = min(rate * self.burst_s, tokens + (now - last) * rate) - nbytes
+            _BUCKET.pack_into(self._map, offset, rate, tokens, now)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        wait = -tokens / rate if tokens < 0 else 0.0
+        if wait > 0:
+            self.sleep(wait)
+        return wait
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+    def __enter__(self) -> StorageNicLimiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
