@@ -1,0 +1,67 @@
+"""What the scheduler sees (engine reports, requests) and what it answers (placements).
+
+Tokens are the paper's single proxy for GPU, disk and network load, so every quantity here is a token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["pe", "de"]
+Mode = Literal["basic", "dualpath", "oracle"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineReport:
+    """One engine's load as its group leader reports it.
+
+    `read_q` is the storage read queue (tokens) of the engine's node: engines on one node share one SNIC.
+    `free_tokens` is the KV memory the engine can still hand out (decode engines reserve it per request).
+    """
+
+    engine_id: Hashable
+    node_id: Hashable
+    role: Role
+    seq_e: int
+    tok_e: int
+    read_q: int
+    free_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A request as the scheduler needs it: len(r) = `tokens`, of which `cached_tokens` are in storage.
+
+    `decode_tokens` is the generation budget a decode engine must reserve memory for on top of the prompt.
+    """
+
+    request_id: Hashable
+    tokens: int
+    cached_tokens: int = 0
+    decode_tokens: int = 0
+
+    @property
+    def new_tokens(self) -> int:
+        return self.tokens - self.cached_tokens
+
+    @property
+    def de_memory_tokens(self) -> int:
+        return self.tokens + self.decode_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The decision "request goes to engine"."""
+
+    request: Request
+    engine_id: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """alpha: read-queue tokens one SNIC drains in alpha_s; beta: tokens one PE prefills in beta_s."""
+
+    alpha: float
+    beta: float

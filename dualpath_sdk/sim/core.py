@@ -1,0 +1,146 @@
+"""Heap-based event loop and fluid links.
+
+A link shares its capacity fairly between the flows of a class, and the `model` class goes first (it gets
+`model_share` of the link while any model flow is active, kv takes the rest and everything when no model
+flow is active: work-conserving). Fair sharing means every flow of a class advances at the same rate, so a
+class keeps one virtual clock `v` (bytes served to each of its flows) and a heap of the virtual times at
+which its flows finish: adding or finishing a flow is O(log n) and only this link is recomputed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+MODEL = 0
+KV = 1
+
+
+class EventLoop:
+    """Events are (time, seq, callback, arg); seq keeps same-time events in insertion order (determinism)."""
+
+    __slots__ = ("_heap", "_seq", "events", "now")
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.events = 0
+        self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
+        self._seq = itertools.count()
+
+    def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
+
+    def run(self, until: float = math.inf) -> None:
+        heap = self._heap
+        pop = heapq.heappop
+        n = 0
+        while heap and heap[0][0] <= until:
+            t, _, fn, arg = pop(heap)
+            self.now = t
+            fn(arg)
+            n += 1
+        self.events += n
+
+
+class Job:
+    """Counts the parts (flows, compute) of one step; calls `fn(arg)` when the last one ends."""
+
+    __slots__ = ("arg", "fn", "left")
+
+    def __init__(self, fn: Callable[[Any], None], arg: Any) -> None:
+        self.fn = fn
+        self.arg = arg
+        self.left = 1          # a guard part released by `start`, so parts ending early cannot fire it
+
+    def done(self, _: Any = None) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.fn(self.arg)
+
+    def start(self) -> None:
+        self.done()
+
+
+class Link:
+    """One direction of one NIC (or a node's DRAM) as a fluid resource with two priority classes."""
+
+    __slots__ = ("_heaps", "_last", "_loop", "_rate", "_seq", "_v", "_version", "capacity", "carried",
+                 "model_share", "name", "served")
+
+    def __init__(self, loop: EventLoop, name: str, capacity: float, model_share: float = 0.99) -> None:
+        self._loop = loop
+        self.name = name
+        self.capacity = capacity
+        self.model_share = model_share
+        self._v = [0.0, 0.0]
+        self._rate = [0.0, 0.0]
+        self._heaps: tuple[list[tuple[float, int, float, Job]], ...] = ([], [])
+        self._last = 0.0
+        self._version = 0
+        self._seq = itertools.count()
+        self.served = [0.0, 0.0]       # bytes delivered, integrated from the rates
+        self.carried = [0.0, 0.0]      # bytes of finished flows
+
+    def add(self, nbytes: float, cls: int, job: Job) -> None:
+        """Start a flow of `nbytes` in class `cls` that counts as one part of `job`."""
+        if nbytes <= 0:
+            return
+        job.left += 1
+        self._advance(self._loop.now)
+        heapq.heappush(self._heaps[cls], (self._v[cls] + nbytes, next(self._seq), nbytes, job))
+        self._reschedule()
+
+    def active(self, cls: int) -> int:
+        return len(self._heaps[cls])
+
+    def _advance(self, now: float) -> None:
+        dt = now - self._last
+        if dt > 0:
+            for c in (MODEL, KV):
+                r = self._rate[c]
+                if r:
+                    self._v[c] += r * dt
+                    self.served[c] += r * dt * len(self._heaps[c])
+            self._last = now
+
+    def _reschedule(self) -> None:
+        n_model, n_kv = len(self._heaps[MODEL]), len(self._heaps[KV])
+        cap = self.capacity
+        if n_model:
+            model_cap = cap * self.model_share if n_kv else cap
+            self._rate[MODEL] = model_cap / n_model
+            self._rate[KV] = (cap - model_cap) / n_kv if n_kv else 0.0
+        else:
+            self._rate[MODEL] = 0.0
+            self._rate[KV] = cap / n_kv if n_kv else 0.0
+        self._version += 1
+        wait = math.inf
+        for c in (MODEL, KV):
+            if self._heaps[c] and self._rate[c] > 0:
+                wait = min(wait, (self._heaps[c][0][0] - self._v[c]) / self._rate[c])
+        if wait < math.inf:
+            self._loop.at(self._loop.now + max(wait, 0.0), self._on_finish, self._version)
+
+    def _on_finish(self, version: int) -> None:
+        if version != self._version:
+            return                     # superseded by a later add/finish on this link
+        self._advance(self._loop.now)
+        finished: list[Job] = []
+        # A flow within a nanosecond-per-second of `now` is done: a later event could not advance the
+        # float clock, and waiting for it would loop forever.
+        slack = 1e-9 * (1.0 + self._loop.now)
+        for c in (MODEL, KV):
+            heap, v = self._heaps[c], self._v[c]
+            eps = self._rate[c] * slack + 1e-9 * v
+            while heap and heap[0][0] <= v + eps:
+                _, _, nbytes, job = heapq.heappop(heap)
+                self.carried[c] += nbytes
+                finished.append(job)
+            if not heap:
+                self._v[c] = 0.0       # restart the virtual clock: keeps float precision over long runs
+        self._reschedule()
+        for job in finished:
+            job.done()

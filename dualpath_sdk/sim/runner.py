@@ -1,0 +1,109 @@
+"""Experiments: offline JCT, online TTFT/TPOT at a rate, and capacity under the SLO (PAPER.md)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from dualpath_sdk.config import SchedulerConfig
+from dualpath_sdk.scheduler import Mode
+from dualpath_sdk.sim.cluster import Simulation
+from dualpath_sdk.sim.presets import Preset
+from dualpath_sdk.sim.workload import SHAPES, generate
+
+TTFT_SLO_S = 4.0
+TPOT_SLO_S = 0.050
+
+
+def _link_utilisation(sim: Simulation, span: float) -> dict[str, float]:
+    """Busiest link of each kind (role.link), as carried bytes over capacity x span."""
+    util: dict[str, float] = defaultdict(float)
+
+    def note(key: str, carried: float, cap: float) -> None:
+        util[key] = max(util[key], carried / (cap * span))
+
+    for node in sim.nodes:
+        note(f"{node.role}.snic", sum(node.snic.carried), node.snic.capacity)
+        note(f"{node.role}.dram", sum(node.dram.carried), node.dram.capacity)
+    for role, engines in (("pe", sim.pes), ("de", sim.des)):
+        for e in engines:
+            note(f"{role}.cnic_in", sum(e.cnic_in.carried), e.cnic_in.capacity)
+            note(f"{role}.cnic_out", sum(e.cnic_out.carried), e.cnic_out.capacity)
+    return {k: round(v, 3) for k, v in sorted(util.items())}
+
+
+def _summary(sim: Simulation, wall: float, span: float, window: np.ndarray) -> dict[str, Any]:
+    m = sim.metrics
+    ttft = np.frombuffer(m.ttft)[window]
+    tpot = np.frombuffer(m.tpot)[window]
+    read = m.read_tokens_pe + m.read_tokens_de
+    pe_snic = [sum(n.snic.carried) for n in sim.nodes if n.role == "pe"]
+    de_snic = [sum(n.snic.carried) for n in sim.nodes if n.role == "de"]
+    cap = sim.nodes[0].snic.capacity * span
+    return {
+        "requests": len(m.ttft),
+        "agents_done": m.agents_done,
+        "span_s": round(span, 2),
+        "ttft_s": round(float(ttft.mean()), 3) if ttft.size else None,
+        "tpot_ms": round(float(tpot.mean()) * 1e3, 2) if tpot.size else None,
+        "plans": dict(m.plans),
+        "read_share_de": round(m.read_tokens_de / read, 3) if read else 0.0,
+        "snic_util_pe": round(float(np.mean(pe_snic)) / cap, 3),
+        "snic_util_de": round(float(np.mean(de_snic)) / cap, 3),
+        "link_util_max": _link_utilisation(sim, span),
+        "events": sim.loop.events,
+        "wall_s": round(wall, 2),
+        "events_per_s": round(sim.loop.events / wall),
+    }
+
+
+def offline(preset: Preset, mode: Mode, agents: int, seed: int = 0,
+            config: SchedulerConfig | None = None) -> dict[str, Any]:
+    """N agents start together; JCT = when the last one finishes its trajectory."""
+    traj = generate(SHAPES[preset.workload], agents, seed)
+    sim = Simulation(preset, mode, traj, np.zeros(agents), config)
+    t0 = time.perf_counter()
+    m = sim.run()
+    wall = time.perf_counter() - t0
+    out: dict[str, Any] = {"preset": preset.name, "mode": mode, "agents": agents,
+                           "jct_s": round(m.last_done, 2)}
+    out.update(_summary(sim, wall, m.last_done, np.ones(len(m.ttft), dtype=bool)))
+    return out
+
+
+def online(preset: Preset, mode: Mode, rate: float, horizon_s: float, seed: int = 0,
+           config: SchedulerConfig | None = None) -> dict[str, Any]:
+    """Agents arrive as a Poisson process for `horizon_s`; the first third is warm-up, not measured.
+
+    Agents make no new call after the horizon so the run drains; calls arriving inside the window count.
+    """
+    rng = np.random.default_rng(seed + 1)
+    starts = np.cumsum(rng.exponential(1 / rate, size=int(rate * horizon_s * 1.5) + 10))
+    starts = starts[starts < horizon_s]
+    traj = generate(SHAPES[preset.workload], len(starts), seed)
+    sim = Simulation(preset, mode, traj, starts, config, stop_calls_at=horizon_s)
+    t0 = time.perf_counter()
+    m = sim.run()
+    wall = time.perf_counter() - t0
+    arrival = np.frombuffer(m.arrival)
+    window = (arrival >= horizon_s / 3) & (arrival < horizon_s)
+    out: dict[str, Any] = {"preset": preset.name, "mode": mode, "rate": rate}
+    out.update(_summary(sim, wall, horizon_s, window))
+    out["within_slo"] = bool(out["ttft_s"] is not None and out["ttft_s"] <= TTFT_SLO_S
+                             and out["tpot_ms"] <= TPOT_SLO_S * 1e3)
+    return out
+
+
+def capacity(preset: Preset, mode: Mode, lo: float, hi: float, horizon_s: float, steps: int = 6,
+             seed: int = 0, config: SchedulerConfig | None = None) -> dict[str, Any]:
+    """Bisect the highest agent arrival rate (agents/s) within TTFT <= 4 s and TPOT <= 50 ms."""
+    runs = []
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        res = online(preset, mode, mid, horizon_s, seed, config)
+        runs.append(res)
+        lo, hi = (mid, hi) if res["within_slo"] else (lo, mid)
+    return {"preset": preset.name, "mode": mode, "capacity": round(lo, 4), "runs": runs}

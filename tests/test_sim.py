@@ -1,0 +1,182 @@
+"""Hand-checkable simulator scenarios: links, priorities, one request per read path, conservation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dualpath_sdk.config import SchedulerConfig
+from dualpath_sdk.scheduler import Mode
+from dualpath_sdk.sim.cluster import Simulation
+from dualpath_sdk.sim.core import KV, MODEL, EventLoop, Job, Link
+from dualpath_sdk.sim.presets import PRESETS, Hardware, Model, Preset
+from dualpath_sdk.sim.runner import offline, online
+from dualpath_sdk.sim.workload import SHAPES, Trajectories, generate
+
+
+def finish_times(loop: EventLoop, link: Link, flows: list[tuple[float, int]]) -> list[float]:
+    done: list[float] = [0.0] * len(flows)
+
+    def record(i: int) -> None:
+        done[i] = loop.now
+
+    for i, (nbytes, cls) in enumerate(flows):
+        job = Job(record, i)
+        link.add(nbytes, cls, job)
+        job.start()
+    loop.run()
+    return done
+
+
+def test_two_flows_share_one_link_fairly() -> None:
+    loop = EventLoop()
+    link = Link(loop, "l", capacity=100.0)
+    # 50 B/s each until the small flow ends at 2 s; then the big one gets 100 B/s for its last 200 B.
+    assert finish_times(loop, link, [(100, KV), (300, KV)]) == pytest.approx([2.0, 4.0])
+    assert sum(link.served) == pytest.approx(400.0)
+    assert sum(link.carried) == pytest.approx(400.0)
+
+
+def test_model_class_goes_first_and_kv_takes_the_rest() -> None:
+    loop = EventLoop()
+    link = Link(loop, "l", capacity=100.0, model_share=0.99)
+    model_end = 50 / 99
+    kv_end = model_end + (100 - 1.0 * model_end) / 100
+    assert finish_times(loop, link, [(100, KV), (50, MODEL)]) == pytest.approx([kv_end, model_end])
+    # Alone, kv is work-conserving: the whole link.
+    loop2 = EventLoop()
+    assert finish_times(loop2, Link(loop2, "l", 100.0), [(100, KV)]) == pytest.approx([1.0])
+
+
+def test_flow_added_midway_slows_the_first() -> None:
+    loop = EventLoop()
+    link = Link(loop, "l", capacity=10.0)
+    ends: dict[str, float] = {}
+    a = Job(lambda _: ends.setdefault("a", loop.now), None)
+    link.add(20, KV, a)
+    a.start()
+
+    def add_b(_: object) -> None:
+        b = Job(lambda _: ends.setdefault("b", loop.now), None)
+        link.add(5, KV, b)
+        b.start()
+
+    loop.at(1.0, add_b)
+    loop.run()
+    # a alone for 1 s (10 B), then 5 B/s each: b done at 2 s, a has 5 B left at 10 B/s -> 2.5 s.
+    assert ends == pytest.approx({"a": 2.5, "b": 2.0})
+
+
+# --- one request through each read path -----------------------------------------------------------------
+
+TINY_HW = Hardware(gpus_per_node=1, cnic_bps=1e7, snic_bps=1e6, dram_bps=1e12, gpu_flops=1e12,
+                   hbm_bps=1e12, hbm_bytes=80e9)
+TINY = Model(name="tiny", layers=10, kv_bytes_per_token=1000, active_params=1e8, weight_bytes=1e9,
+             attn_flops_per_pair=0.0, weight_gpus=1, decode_overhead_s=0.01, prefill_overhead_s=0.0)
+
+
+def tiny_preset(pe_nodes: int = 1, de_nodes: int = 1) -> Preset:
+    return Preset("tiny", TINY, pe_nodes, de_nodes, hardware=TINY_HW)
+
+
+def one_agent() -> Trajectories:
+    # call 0: 640 tokens, nothing cached; call 1: 640 + 2 generated + 64 appended = 706, 640 cached.
+    return Trajectories(np.array([640]), np.array([[0, 64]]), np.array([[2, 2]]))
+
+
+def ttft_of_second_call(mode: Mode, split: bool = True, pe_queue: int = 0) -> tuple[float, dict[str, int]]:
+    sim = Simulation(tiny_preset(), mode, one_agent(), np.zeros(1), SchedulerConfig(split_reads=split))
+    sim.nodes[0].read_q = pe_queue
+    m = sim.run()
+    return m.ttft[1], m.plans
+
+
+# Hand arithmetic: reading 640 tokens x 1000 B through a 1 MB/s SNIC takes 0.64 s; moving 640 KB over a
+# 10 MB/s CNIC 0.064 s; 66 new tokens x 2 x 1e8 FLOPs at 1 TFLOP/s 0.0132 s; a layer of fill 0.00132 s.
+COMPUTE = 66 * 2 * 1e8 / 1e12
+
+
+@pytest.mark.parametrize(("mode", "split", "pe_queue", "plan", "expected"), [
+    # PE path: read 0.64; loads 0.064 || sends (66 + 640) KB 0.0706 || compute; plus fill.
+    ("dualpath", False, 0, "pe", 0.64 + 0.0706 + COMPUTE / 10),
+    # DE path: read on the DE SNIC; loads 640 KB DE->PE 0.064; only 66 new KB go back.
+    ("dualpath", False, 10**9, "de", 0.64 + 0.064 + COMPUTE / 10),
+    # Split 5/5 blocks: both SNICs read 320 KB in parallel (0.32); PE GPU still loads all 640 KB.
+    ("dualpath", True, 0, "split", 0.32 + 0.064 + COMPUTE / 10),
+    # Basic: read, then load, compute, send one after another.
+    ("basic", True, 0, "pe", 0.64 + 0.064 + COMPUTE + 0.0706),
+    # Oracle: compute only.
+    ("oracle", True, 0, "none", COMPUTE + COMPUTE / 10),
+])
+def test_one_request_timeline(mode: Mode, split: bool, pe_queue: int, plan: str, expected: float) -> None:
+    ttft, plans = ttft_of_second_call(mode, split, pe_queue)
+    assert ttft == pytest.approx(expected, rel=1e-6)
+    assert plans[plan] >= 1
+
+
+def test_decode_step_time_from_bytes() -> None:
+    sim = Simulation(tiny_preset(), "oracle", one_agent(), np.zeros(1))
+    m = sim.run()
+    # One decode step (gen = 2: the first token comes from prefill): overhead + weights + linear + KV read.
+    step = 0.01 + 1e9 / 1e12 + 2 * 1e8 / 1e12 + 640 * 1000 / 1e12
+    assert m.tpot[0] == pytest.approx(step, rel=1e-6)
+
+
+# --- whole runs ------------------------------------------------------------------------------------------
+
+def small_run(mode: Mode, seed: int) -> Simulation:
+    traj = generate(SHAPES["32K"], 12, seed)
+    traj = Trajectories(traj.first_prompt // 8, traj.append[:, :6], traj.gen[:, :6])
+    sim = Simulation(tiny_preset(2, 2), mode, traj, np.zeros(12))
+    sim.run()
+    return sim
+
+
+def test_bytes_are_conserved() -> None:
+    sim = small_run("dualpath", 0)
+    links = [n.snic for n in sim.nodes] + [n.dram for n in sim.nodes]
+    links += [e.cnic_in for e in sim.pes + sim.des] + [e.cnic_out for e in sim.pes + sim.des]
+    for link in links:
+        assert link.served == pytest.approx(link.carried, rel=1e-6, abs=1.0)
+        assert link.active(KV) == link.active(MODEL) == 0
+    m, kv = sim.metrics, sim.kv
+    read = (m.read_tokens_pe + m.read_tokens_de) * kv
+    assert sum(sum(n.snic.carried) for n in sim.nodes) == pytest.approx(read)
+    # What the PEs send is new KV plus the blocks they read; the DEs receive that plus the one handoff.
+    calls = [(int(p), 0) for p in sim.first_prompt]
+    tokens = cached = 0
+    for a, (t, c) in enumerate(calls):
+        for k in range(sim.calls):
+            tokens += t
+            cached += c
+            history = t + sim.gen[a][k]
+            if k + 1 < sim.calls:
+                t, c = history + sim.append[a][k + 1], history // 64 * 64
+    pe_out = sum(e.cnic_out.carried[KV] for e in sim.pes)
+    de_in = sum(e.cnic_in.carried[KV] for e in sim.des)
+    assert pe_out == pytest.approx((tokens - cached + m.read_tokens_pe) * kv)
+    assert de_in == pytest.approx(pe_out + tokens * kv)
+    assert m.plans["split"] + m.plans["pe"] + m.plans["de"] > 0
+
+
+def test_determinism_with_a_seed() -> None:
+    a, b, c = small_run("dualpath", 1), small_run("dualpath", 1), small_run("dualpath", 2)
+    assert list(a.metrics.ttft) == list(b.metrics.ttft)
+    assert a.loop.events == b.loop.events
+    assert list(a.metrics.ttft) != list(c.metrics.ttft)
+
+
+def test_storage_bound_ordering_on_paper_preset() -> None:
+    """DS 660B 2P4D: PE-only reads saturate the PE SNICs, so basic is slower and oracle fastest."""
+    res = {m: offline(PRESETS["ds660b-2p4d"], m, 256) for m in ("basic", "dualpath", "oracle")}
+    assert res["basic"]["jct_s"] > 1.15 * res["dualpath"]["jct_s"]
+    assert res["oracle"]["jct_s"] <= res["dualpath"]["jct_s"] * 1.02
+    assert res["basic"]["read_share_de"] == 0.0 < res["dualpath"]["read_share_de"]
+
+
+def test_online_slo_check() -> None:
+    ok = online(PRESETS["ds27b-1p1d"], "dualpath", rate=0.1, horizon_s=120)
+    assert ok["requests"] > 0 and ok["within_slo"]
+    # The tiny 1 MB/s SNIC needs ~30 s to read one 64K-workload context: far over the 4 s TTFT.
+    slow = online(tiny_preset(), "dualpath", rate=0.05, horizon_s=200)
+    assert slow["ttft_s"] > 4.0 and not slow["within_slo"]
