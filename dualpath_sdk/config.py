@@ -71,3 +71,45 @@ class StoreConfig(_Config):
     snic_read_bps: float | None = Field(default=None, gt=0)
     snic_write_bps: float | None = Field(default=None, gt=0)
     mooncake: MooncakeConfig = MooncakeConfig()
+
+
+class TransferConfig(_Config):
+    """The one-sided transport between PE and DE processes (DESIGN.md, Transports).
+
+    `link_bps` emulates this node's compute NIC: one rate shared by the node's processes, with the
+    `model` class served first and `kv` taking what is left (None: no emulation, full speed).
+    `kv_service_level` / `kv_traffic_class` are the InfiniBand SL / RoCE traffic class of the
+    mooncake transport on RDMA (Mooncake's MC_IB_SL / MC_IB_TC); TCP has no lanes and ignores them.
+    """
+
+    backend: Literal["local", "mooncake"] = "local"
+    link_bps: float | None = Field(default=None, gt=0)
+    chunk_bytes: int = Field(default=512 << 10, ge=4096, description="link scheduling granularity")
+    link_burst_s: float = Field(default=0.002, ge=0, description="idle link time a sender may save up")
+    model_grace_s: float = Field(
+        default=0.005, ge=0, description="kv keeps yielding this long after a model chunk (stream gaps)"
+    )
+    timeout_s: float = Field(default=30.0, gt=0, description="deadline of every transfer and wait")
+    shm_dir: Path = Path("/dev/shm")
+    kv_service_level: int | None = Field(default=None, ge=0, le=15)
+    kv_traffic_class: int | None = Field(default=None, ge=0, le=255)
+    mooncake_hostname: str = "127.0.0.1"
+    mooncake_protocol: Literal["tcp", "rdma"] = "tcp"
+    mooncake_device: str = Field(default="", description="RDMA devices, e.g. 'mlx5_0'; '' on TCP")
+
+
+class ClusterConfig(_Config):
+    """An embedded cluster: its model, its nodes (one engine per node here), and their tiers."""
+
+    model: str | None = Field(default=None, description="HF directory or .gguf file; None: the default model")
+    prefill_nodes: int = Field(default=1, ge=1)
+    decode_nodes: int = Field(default=1, ge=1)
+    read_plan: Literal["auto", "pe", "de", "split"] = Field(
+        default="auto", description="the read side of every step; auto: the node with the shorter read queue"
+    )
+    engine: EngineConfig = EngineConfig()
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    transfer: TransferConfig = TransferConfig()
+    buffer_slots: int = Field(default=256, ge=1, description="Full Block slots of each node's host buffer")
+    threads_per_engine: int = Field(default=1, ge=1, description="torch threads of each engine process")
+    startup_timeout_s: float = Field(default=180.0, gt=0)

@@ -35,3 +35,7 @@ class ManifestCorrupt(StorageError):
 
 class BufferTimeout(DualPathError, TimeoutError):
     """A host buffer stayed full for longer than the caller would wait."""
+
+
+class TransferError(DualPathError):
+    """A one-sided transfer failed or timed out (peer gone, region closed, link wait too long)."""

@@ -97,7 +97,7 @@ def test_greedy_continuation_is_identical_however_the_prefix_kv_got_there(tiny: 
 
     class LayerwisePrefix:
         def __init__(self) -> None:
-            self.num_blocks = len(exported)
+            self.num_tokens = len(exported) * BLOCK
             self.asked: list[int] = []
 
         def layer(self, index: int) -> torch.Tensor:

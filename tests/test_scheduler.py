@@ -45,6 +45,7 @@ def ids(placements: list) -> list:
 
 # --- PE choice -------------------------------------------------------------------------------------------
 
+
 def test_pe_argmin_tok_and_tie_takes_report_order() -> None:
     engines = [pe("a", 100), pe("b", 50), pe("c", 50)]
     assert ids(choose_pe([req(1, 10)], engines, TH)) == [(1, "b")]
@@ -81,6 +82,7 @@ def test_thresholds_from_rates() -> None:
 
 
 # --- DE choice -------------------------------------------------------------------------------------------
+
 
 def test_de_group_smallest_sum_and_burst_spreads() -> None:
     out = choose_de_group([req(1, 100), req(2, 100), req(3, 100)], {"g0": 150, "g1": 100, "g2": 120})
@@ -131,6 +133,7 @@ def test_de_z_counts_only_requests_that_fit() -> None:
 
 # --- Read plan -------------------------------------------------------------------------------------------
 
+
 def test_read_side_shorter_queue_and_ties() -> None:
     assert shorter_queue(10, 500, 100).kind == "de"
     assert shorter_queue(10, 100, 500).kind == "pe"
@@ -138,11 +141,14 @@ def test_read_side_shorter_queue_and_ties() -> None:
     assert shorter_queue(0, 7, 7).kind == "none"
 
 
-@pytest.mark.parametrize(("pe_q", "de_q", "pe_rate", "de_rate", "pe_blocks"), [
-    (0, 0, 1.0, 1.0, 50),        # equal sides: half each
-    (0, 0, 3.0, 1.0, 75),        # the faster side reads in proportion to its rate
-    (3200, 0, 1.0, 1.0, 25),     # PE queue is 50 blocks behind: T = (3200+6400)/2 = 4800 -> 1600 tokens
-])
+@pytest.mark.parametrize(
+    ("pe_q", "de_q", "pe_rate", "de_rate", "pe_blocks"),
+    [
+        (0, 0, 1.0, 1.0, 50),  # equal sides: half each
+        (0, 0, 3.0, 1.0, 75),  # the faster side reads in proportion to its rate
+        (3200, 0, 1.0, 1.0, 25),  # PE queue is 50 blocks behind: T = (3200+6400)/2 = 4800 -> 1600 tokens
+    ],
+)
 def test_split_proportions(pe_q: float, de_q: float, pe_rate: float, de_rate: float, pe_blocks: int) -> None:
     plan = split_read(100, 64, pe_q, de_q, pe_rate, de_rate)
     assert plan.kind == "split"
@@ -184,6 +190,7 @@ def test_basic_de_round_robin_skips_full_engines() -> None:
 
 # --- Intra-PE batching -----------------------------------------------------------------------------------
 
+
 def test_fit_recovers_coefficients() -> None:
     truth = AttentionModel(2e-5, 3e-9, 1e-3)
     samples = [(c, n, truth.time(c, n)) for c in (0, 1000, 8000, 30000) for n in (64, 500, 2000)]
@@ -203,7 +210,7 @@ def test_largest_chunk_is_the_boundary() -> None:
 
 
 def test_pack_fifo_to_quota_with_chunk() -> None:
-    model = AttentionModel(1e-3, 0.0, 0.0)            # 1 ms per new token
+    model = AttentionModel(1e-3, 0.0, 0.0)  # 1 ms per new token
     queue = [PrefillWork("r1", 0, 100), PrefillWork("r2", 0, 150), PrefillWork("r3", 0, 10)]
     chunks = pack_quota(queue, model, 0.3)
     assert [(c.request_id, c.tokens) for c in chunks] == [("r1", 100), ("r2", 150), ("r3", 10)]
@@ -213,6 +220,6 @@ def test_pack_fifo_to_quota_with_chunk() -> None:
 
 
 def test_pack_always_progresses() -> None:
-    model = AttentionModel(0.0, 0.0, 1.0)             # a 1 s fixed cost exceeds any small quota
+    model = AttentionModel(0.0, 0.0, 1.0)  # a 1 s fixed cost exceeds any small quota
     chunks = pack_quota([PrefillWork("big", 0, 5)], model, 0.3)
     assert [(c.request_id, c.tokens) for c in chunks] == [("big", 1)]

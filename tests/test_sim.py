@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from dualpath_sdk.config import SchedulerConfig
-from dualpath_sdk.scheduler import Mode
+from dualpath_sdk.scheduler import EngineReport, Mode, Request, Thresholds, choose_de_group, choose_pe
 from dualpath_sdk.sim.cluster import Simulation
 from dualpath_sdk.sim.core import KV, MODEL, EventLoop, Job, Link
 from dualpath_sdk.sim.presets import PRESETS, Hardware, Model, Preset
+from dualpath_sdk.sim.ranking import Ranking
 from dualpath_sdk.sim.runner import offline, online
 from dualpath_sdk.sim.workload import SHAPES, Trajectories, generate
 
@@ -69,10 +72,20 @@ def test_flow_added_midway_slows_the_first() -> None:
 
 # --- one request through each read path -----------------------------------------------------------------
 
-TINY_HW = Hardware(gpus_per_node=1, cnic_bps=1e7, snic_bps=1e6, dram_bps=1e12, gpu_flops=1e12,
-                   hbm_bps=1e12, hbm_bytes=80e9)
-TINY = Model(name="tiny", layers=10, kv_bytes_per_token=1000, active_params=1e8, weight_bytes=1e9,
-             attn_flops_per_pair=0.0, weight_gpus=1, decode_overhead_s=0.01, prefill_overhead_s=0.0)
+TINY_HW = Hardware(
+    gpus_per_node=1, cnic_bps=1e7, snic_bps=1e6, dram_bps=1e12, gpu_flops=1e12, hbm_bps=1e12, hbm_bytes=80e9
+)
+TINY = Model(
+    name="tiny",
+    layers=10,
+    kv_bytes_per_token=1000,
+    active_params=1e8,
+    weight_bytes=1e9,
+    attn_flops_per_pair=0.0,
+    weight_gpus=1,
+    decode_overhead_s=0.01,
+    prefill_overhead_s=0.0,
+)
 
 
 def tiny_preset(pe_nodes: int = 1, de_nodes: int = 1) -> Preset:
@@ -96,18 +109,21 @@ def ttft_of_second_call(mode: Mode, split: bool = True, pe_queue: int = 0) -> tu
 COMPUTE = 66 * 2 * 1e8 / 1e12
 
 
-@pytest.mark.parametrize(("mode", "split", "pe_queue", "plan", "expected"), [
-    # PE path: read 0.64; loads 0.064 || sends (66 + 640) KB 0.0706 || compute; plus fill.
-    ("dualpath", False, 0, "pe", 0.64 + 0.0706 + COMPUTE / 10),
-    # DE path: read on the DE SNIC; loads 640 KB DE->PE 0.064; only 66 new KB go back.
-    ("dualpath", False, 10**9, "de", 0.64 + 0.064 + COMPUTE / 10),
-    # Split 5/5 blocks: both SNICs read 320 KB in parallel (0.32); PE GPU still loads all 640 KB.
-    ("dualpath", True, 0, "split", 0.32 + 0.064 + COMPUTE / 10),
-    # Basic: read, then load, compute, send one after another.
-    ("basic", True, 0, "pe", 0.64 + 0.064 + COMPUTE + 0.0706),
-    # Oracle: compute only.
-    ("oracle", True, 0, "none", COMPUTE + COMPUTE / 10),
-])
+@pytest.mark.parametrize(
+    ("mode", "split", "pe_queue", "plan", "expected"),
+    [
+        # PE path: read 0.64; loads 0.064 || sends (66 + 640) KB 0.0706 || compute; plus fill.
+        ("dualpath", False, 0, "pe", 0.64 + 0.0706 + COMPUTE / 10),
+        # DE path: read on the DE SNIC; loads 640 KB DE->PE 0.064; only 66 new KB go back.
+        ("dualpath", False, 10**9, "de", 0.64 + 0.064 + COMPUTE / 10),
+        # Split 5/5 blocks: both SNICs read 320 KB in parallel (0.32); PE GPU still loads all 640 KB.
+        ("dualpath", True, 0, "split", 0.32 + 0.064 + COMPUTE / 10),
+        # Basic: read, then load, compute, send one after another.
+        ("basic", True, 0, "pe", 0.64 + 0.064 + COMPUTE + 0.0706),
+        # Oracle: compute only.
+        ("oracle", True, 0, "none", COMPUTE + COMPUTE / 10),
+    ],
+)
 def test_one_request_timeline(mode: Mode, split: bool, pe_queue: int, plan: str, expected: float) -> None:
     ttft, plans = ttft_of_second_call(mode, split, pe_queue)
     assert ttft == pytest.approx(expected, rel=1e-6)
@@ -123,6 +139,7 @@ def test_decode_step_time_from_bytes() -> None:
 
 
 # --- whole runs ------------------------------------------------------------------------------------------
+
 
 def small_run(mode: Mode, seed: int) -> Simulation:
     traj = generate(SHAPES["32K"], 12, seed)
@@ -180,3 +197,73 @@ def test_online_slo_check() -> None:
     # The tiny 1 MB/s SNIC needs ~30 s to read one 64K-workload context: far over the 4 s TTFT.
     slow = online(tiny_preset(), "dualpath", rate=0.05, horizon_s=200)
     assert slow["ttft_s"] > 4.0 and not slow["within_slo"]
+
+
+# --- fast paths: same decisions as the scheduler given every report ----------------------------------------
+
+
+def test_flows_started_together_on_one_link_cost_one_event() -> None:
+    loop = EventLoop()
+    link = Link(loop, "l", capacity=100.0)
+    # Ten equal flows added by one callback: one recomputation, one finish event when all end together.
+    assert finish_times(loop, link, [(10, KV)] * 10) == pytest.approx([1.0] * 10)
+    assert loop.events == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ranking_candidates_give_the_full_choice(seed: int) -> None:
+    """choose_pe / choose_de_group on the k smallest per class equal the choice over every report."""
+    rng = np.random.default_rng(seed)
+    n, k = 40, int(rng.integers(1, 12))
+    th = Thresholds(alpha=1000.0, beta=5000.0)
+    tok = rng.integers(0, 5000, size=n).tolist()
+    read_q = rng.integers(0, 2000, size=n).tolist()
+    order = rng.permutation(n).tolist()  # report order, as under_beta insertion order
+    rank = Ranking(n, 2)
+    for i in range(n):
+        rank.put(0 if read_q[i] <= th.alpha else 1, i, tok[i] + 1, order[i])
+        rank.put(0 if read_q[i] <= th.alpha else 1, i, tok[i], order[i])  # the stale entry must be skipped
+    queue = [Request(j, int(rng.integers(1, 3000))) for j in range(k)]
+
+    def reports(ids: list[int]) -> list[EngineReport]:
+        ids = sorted(ids, key=lambda i: order[i])
+        return [EngineReport(i, i, "pe", 0, tok[i], read_q[i], 0) for i in ids]
+
+    cands = [c[2] for cls in (0, 1) for c in rank.smallest(cls, k)]
+    assert len(cands) <= 2 * k < n
+    full = [p.engine_id for p in choose_pe(queue, reports(list(range(n))), th)]
+    assert [p.engine_id for p in choose_pe(queue, reports(cands), th)] == full
+    # Level-1 DE choice: groups in one class, the k smallest of them.
+    groups = {i: tok[i] for i in sorted(range(n), key=lambda i: order[i])}
+    one = Ranking(n, 1)
+    for i in range(n):
+        one.put(0, i, tok[i], order[i])
+    few = {c[2]: tok[c[2]] for c in sorted(one.smallest(0, k), key=lambda c: c[1])}
+    assert [g for _, g in choose_de_group(queue, few)] == [g for _, g in choose_de_group(queue, groups)]
+
+
+@pytest.mark.parametrize(("mode", "hbm"), [("dualpath", 80e9), ("oracle", 80e9), ("dualpath", 32e9)])
+def test_simulator_fast_paths_agree_with_full_reports(mode: Mode, hbm: float) -> None:
+    """A 2P4D run that checks every pass against the scheduler fed everything (asserts inside).
+
+    With 32 GB of HBM the DE groups run out of KV memory and requests wait in their queues (level 2).
+    """
+    traj = generate(SHAPES["32K"], 96, 3)
+    traj = Trajectories(traj.first_prompt, traj.append[:, :8], traj.gen[:, :8])
+    preset = PRESETS["ds660b-2p4d"]
+    preset = replace(preset, hardware=replace(preset.hardware, hbm_bytes=hbm))
+    sim = Simulation(preset, mode, traj, np.zeros(96), check_fast_paths=True)
+    m = sim.run()
+    assert m.agents_done == 96
+    # The fast paths did hand over less than everything (else this checks nothing).
+    assert sim.narrowed > 0
+
+
+def test_split_reads_shorten_the_kv_read_at_low_load() -> None:
+    """Online at a light load both SNICs are idle: a split read takes about half a one-side read."""
+    preset = PRESETS["ds27b-1p1d"]
+    split = online(preset, "dualpath", rate=0.05, horizon_s=120, config=SchedulerConfig(split_reads=True))
+    side = online(preset, "dualpath", rate=0.05, horizon_s=120, config=SchedulerConfig(split_reads=False))
+    assert split["plans"]["split"] > 0 == side["plans"]["split"]
+    assert split["read_s"] < 0.65 * side["read_s"]
+    assert split["ttft_s"] < side["ttft_s"]

@@ -8,4 +8,5 @@ included), which the runner prints as the last line, one line of JSON.
 BENCHMARKS = {
     "engine": "our engine beside HF transformers: prefill and decode tokens/s",
     "store": "fs block reads/writes beside the raw device; the storage-NIC limiter's accuracy",
+    "transfer": "local and mooncake transports beside a memcpy and a plain socket of the same bytes",
 }

@@ -38,14 +38,17 @@ class Completion:
     cached_tokens: int
 
 
+def kv_layout(model: Model, block_size: int) -> KVLayout:
+    """The shape of `model`'s KV blocks, and so of its Full Blocks in every tier."""
+    spec = model.spec
+    return KVLayout(spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim, model.dtype)
+
+
 class EngineCore:
     def __init__(self, model: Model, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        spec = model.spec
-        self.layout = KVLayout(
-            spec.num_layers, self.config.block_size, spec.num_kv_heads, spec.head_dim, model.dtype
-        )
+        self.layout = kv_layout(model, self.config.block_size)
         self.pool = KVPool(self.layout, self.config.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -79,7 +82,7 @@ class EngineCore:
         need = self._blocks_for(len(prompt_ids) + params.max_tokens)
         if need > self.pool.num_blocks:
             raise ContextTooLong(f"the request needs {need} KV blocks; the pool has {self.pool.num_blocks}")
-        if prefix is not None and prefix.num_blocks * self.layout.block_size >= len(prompt_ids):
+        if prefix is not None and prefix.num_tokens >= len(prompt_ids):
             raise InvalidInput("a cached prefix must leave at least one prompt token to compute")
         seq = Sequence(prompt_ids, params, self.root_key(tenant), prefix)
         self.waiting.append(seq)
@@ -169,10 +172,10 @@ class EngineCore:
             return False
         seq.block_table = shared + self.pool.allocate(total - len(shared))
         seq.keys = keys[: len(shared)]
-        prefix_blocks = seq.prefix.num_blocks if seq.prefix is not None else 0
-        if prefix_blocks <= len(shared):
+        prefix_tokens = seq.prefix.num_tokens if seq.prefix is not None else 0
+        if prefix_tokens <= len(shared) * bs:
             seq.prefix = None  # the pool already holds all of it
-        seq.num_cached = seq.num_computed = max(len(shared), prefix_blocks) * bs
+        seq.num_cached = seq.num_computed = max(len(shared) * bs, prefix_tokens)
         seq.status = Status.RUNNING
         return True
 
@@ -197,7 +200,7 @@ class EngineCore:
     def _load_prefix_layer(self, seq: Sequence, layer: int) -> None:
         assert seq.prefix is not None
         shared = len(seq.keys)  # blocks the pool already had; the prefix fills the rest
-        blocks = seq.block_table[shared : seq.prefix.num_blocks]
+        blocks = seq.block_table[shared : self._blocks_for(seq.prefix.num_tokens)]
         self.pool.import_layer(layer, blocks, seq.prefix.layer(layer)[shared:])
 
     def _register_full_blocks(self, seq: Sequence) -> None:
@@ -208,13 +211,19 @@ class EngineCore:
             seq.keys.append(key)
             self.pool.register(seq.block_table[index], key)
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
+    def stop_reason(self, params: SamplingParams, token: int, generated: int) -> str | None:
+        """Why a sequence ends after generating `token` as its `generated`-th token, if it does."""
         stops = params.stop_token_ids if params.stop_token_ids is not None else self.model.spec.eos_token_ids
         if not params.ignore_eos and token in stops:
-            self._finish(seq, "stop")
-        elif len(seq.output_ids) >= params.max_tokens:
-            self._finish(seq, "length")
+            return "stop"
+        if generated >= params.max_tokens:
+            return "length"
+        return None
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        reason = self.stop_reason(seq.params, token, len(seq.output_ids))
+        if reason is not None:
+            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED

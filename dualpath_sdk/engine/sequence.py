@@ -37,26 +37,30 @@ class CachedPrefix(Protocol):
     """KV of a prompt's first blocks supplied from outside the pool, one layer at a time.
 
     The engine asks for layer k just before it runs layer k: this is the layer-wise load of
-    PAPER.md (a buffer, a transport or storage behind `layer`).
+    PAPER.md (a buffer, a transport or storage behind `layer`). `num_tokens` need not fill its
+    last block: a decode engine takes a whole prompt's KV, tail included, from its DE buffer.
     """
 
     @property
-    def num_blocks(self) -> int: ...
+    def num_tokens(self) -> int: ...
 
     def layer(self, index: int) -> torch.Tensor:
-        """Layer Blocks of layer `index`, `[num_blocks, block_size, 2, kv_heads, head_dim]`."""
+        """Layer `index`: `[ceil(num_tokens / block_size), block_size, 2, kv_heads, head_dim]`."""
         ...
 
 
 class FullBlockPrefix:
     """A CachedPrefix over Full Blocks (read from storage or exported by another engine)."""
 
-    def __init__(self, blocks: Seq[FullBlock]) -> None:
+    def __init__(self, blocks: Seq[FullBlock], num_tokens: int | None = None) -> None:
         self.blocks = list(blocks)
+        self._num_tokens = (
+            num_tokens if num_tokens is not None else len(self.blocks) * self.blocks[0].layout.block_size
+        )
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
+    def num_tokens(self) -> int:
+        return self._num_tokens
 
     def layer(self, index: int) -> torch.Tensor:
         return torch.stack([block.layer(index) for block in self.blocks])

@@ -24,3 +24,36 @@ def encode_chat(
         tokenize=False,
     )
     return list(tokenizer.encode(str(text), add_special_tokens=False))
+
+
+_SENTINEL = "\u2063dualpath-sentinel\u2063"
+
+
+def continuation_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    history: Sequence[Mapping[str, Any]],
+    new: Sequence[Mapping[str, Any]],
+    ended_with_stop: bool,
+) -> list[int]:
+    """The token ids that extend a conversation whose last message is the model's reply.
+
+    The history's ids are never re-tokenized (a one-token change would miss the cache for the whole
+    tail): the template is rendered with a sentinel as the reply, and only the text after it (the
+    reply's closing and the new messages with the generation prompt) is tokenized. When generation
+    stopped on the stop token, the ids already hold the closing's first token.
+    """
+    last = dict(history[-1])
+    if last.get("role") != "assistant":
+        raise InvalidInput("a continuation follows the model's reply")
+    text = str(
+        tokenizer.apply_chat_template(
+            [*[dict(m) for m in history[:-1]], {**last, "content": _SENTINEL}, *[dict(m) for m in new]],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+    )
+    tail = text.split(_SENTINEL, 1)[1]
+    ids = list(tokenizer.encode(tail, add_special_tokens=False))
+    if ended_with_stop and ids and ids[0] == tokenizer.eos_token_id:
+        ids = ids[1:]
+    return ids

@@ -46,11 +46,7 @@ class Model:
 
 def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Model:
     """Load from an HF directory, a `.gguf` file, or (None) the default model."""
-    path = default_model_dir() if source is None else Path(source)
-    if path.is_file() and path.suffix == ".gguf":
-        path = converted_gguf_dir(path)
-    if not (path / "config.json").is_file():
-        raise InvalidInput(f"{path} is neither an HF model directory (config.json) nor a .gguf file")
+    path = default_model_dir() if source is None else resolve_model_dir(Path(source))
     config = AutoConfig.from_pretrained(path)
     spec = ModelSpec.from_hf_config(config)
     files = sorted(path.glob("*.safetensors"))
@@ -74,6 +70,15 @@ def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.floa
         tokenizer=tokenizer,
         fingerprint=fingerprint,
     )
+
+
+def resolve_model_dir(source: Path) -> Path:
+    """The HF-style directory behind `source`: itself, or a GGUF file's cached conversion."""
+    if source.is_file() and source.suffix == ".gguf":
+        source = converted_gguf_dir(source)
+    if not (source / "config.json").is_file():
+        raise InvalidInput(f"{source} is neither an HF model directory (config.json) nor a .gguf file")
+    return source
 
 
 def default_model_dir() -> Path:

@@ -57,8 +57,7 @@ def choose_de(queue: Sequence[Request], engines: Sequence[EngineReport], slack: 
         if not fits:
             break
         within = [i for i in fits if tok[i] + request.tokens <= z]
-        best = (min(within, key=lambda i: (seq[i], i)) if within
-                else min(fits, key=lambda i: (tok[i], i)))
+        best = min(within, key=lambda i: (seq[i], i)) if within else min(fits, key=lambda i: (tok[i], i))
         placements.append(Placement(request, engines[best].engine_id))
         free[best] -= need
         tok[best] += request.tokens

@@ -9,14 +9,16 @@ from dualpath_sdk.config import SchedulerConfig
 from dualpath_sdk.scheduler.reports import EngineReport, Placement, Request, Thresholds
 
 
-def derive_thresholds(config: SchedulerConfig, snic_tokens_per_s: float,
-                      prefill_tokens_per_s: float) -> Thresholds:
+def derive_thresholds(
+    config: SchedulerConfig, snic_tokens_per_s: float, prefill_tokens_per_s: float
+) -> Thresholds:
     """Turn the configured seconds into token thresholds from measured storage and prefill rates."""
     return Thresholds(alpha=snic_tokens_per_s * config.alpha_s, beta=prefill_tokens_per_s * config.beta_s)
 
 
-def choose_pe(queue: Iterable[Request], engines: Sequence[EngineReport],
-              thresholds: Thresholds) -> list[Placement]:
+def choose_pe(
+    queue: Iterable[Request], engines: Sequence[EngineReport], thresholds: Thresholds
+) -> list[Placement]:
     """Place requests in FIFO order until no engine qualifies.
 
     Engines with tok_e > beta are skipped; engines whose node has read_q <= alpha are preferred (their SNIC

@@ -23,8 +23,13 @@ class Scheduler:
     The only state is the round-robin cursors of "basic".
     """
 
-    def __init__(self, config: SchedulerConfig, thresholds: Thresholds, attention: AttentionModel,
-                 mode: Mode = "dualpath") -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        thresholds: Thresholds,
+        attention: AttentionModel,
+        mode: Mode = "dualpath",
+    ) -> None:
         self.config = config
         self.thresholds = thresholds
         self.attention = attention
@@ -56,8 +61,9 @@ class Scheduler:
             placements.append(Placement(request, engines[i].engine_id))
         return placements
 
-    def choose_de_group(self, queue: Iterable[Request],
-                        group_tok: Mapping[G, int]) -> list[tuple[Request, G]]:
+    def choose_de_group(
+        self, queue: Iterable[Request], group_tok: Mapping[G, int]
+    ) -> list[tuple[Request, G]]:
         if self.mode != "basic":
             return choose_de_group(queue, group_tok)
         groups = list(group_tok)
@@ -82,8 +88,15 @@ class Scheduler:
             placements.append(Placement(request, engines[i].engine_id))
         return placements
 
-    def plan_read(self, cached_blocks: int, block_tokens: int, pe_read_q: float, de_read_q: float,
-                  pe_rate: float, de_rate: float) -> ReadPlan:
+    def plan_read(
+        self,
+        cached_blocks: int,
+        block_tokens: int,
+        pe_read_q: float,
+        de_read_q: float,
+        pe_rate: float,
+        de_rate: float,
+    ) -> ReadPlan:
         """Read side for one request whose PE and DE are chosen; queues in tokens, rates in tokens/s."""
         if self.mode == "basic":
             return pe_only(cached_blocks)

@@ -36,8 +36,9 @@ def shorter_queue(cached_blocks: int, pe_read_q: float, de_read_q: float) -> Rea
     return _one_side(cached_blocks, pe_read_q <= de_read_q)
 
 
-def split_read(cached_blocks: int, block_tokens: int, pe_read_q: float, de_read_q: float,
-               pe_rate: float, de_rate: float) -> ReadPlan:
+def split_read(
+    cached_blocks: int, block_tokens: int, pe_read_q: float, de_read_q: float, pe_rate: float, de_rate: float
+) -> ReadPlan:
     """Divide the blocks so both queues drain at the same moment (water-filling).
 
     With queues q and drain rates r (tokens, tokens/s), both sides finish at T = (q_pe + q_de + C) /

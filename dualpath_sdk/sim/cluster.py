@@ -14,7 +14,7 @@ import itertools
 import math
 from array import array
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -33,14 +33,31 @@ from dualpath_sdk.scheduler import (
 )
 from dualpath_sdk.sim.core import KV, MODEL, EventLoop, Job, Link
 from dualpath_sdk.sim.presets import Model, Preset
+from dualpath_sdk.sim.ranking import Ranking
 from dualpath_sdk.sim.workload import Trajectories
 
 
 class SimRequest:
     """One LLM call of one agent."""
 
-    __slots__ = ("agent", "arrival", "cached", "call", "de", "de_tok", "done", "gen", "pe", "pe_tok",
-                 "sreq", "t_first", "t_join", "tokens")
+    __slots__ = (
+        "agent",
+        "arrival",
+        "cached",
+        "call",
+        "de",
+        "de_tok",
+        "done",
+        "gen",
+        "pe",
+        "pe_tok",
+        "sreq",
+        "t_first",
+        "t_join",
+        "t_read",
+        "t_ready",
+        "tokens",
+    )
 
     def __init__(self, agent: int, call: int, tokens: int, cached: int, gen: int) -> None:
         self.agent = agent
@@ -52,7 +69,9 @@ class SimRequest:
         self.arrival = 0.0
         self.t_first = 0.0
         self.t_join = 0.0
-        self.done = 0                   # new tokens prefilled so far (chunked prefill)
+        self.t_read = 0.0  # PE and DE chosen: the storage read starts
+        self.t_ready = 0.0  # the read is done: the request waits for its PE's batch
+        self.done = 0  # new tokens prefilled so far (chunked prefill)
         self.pe_tok = 0
         self.de_tok = 0
         self.pe: PrefillEngine
@@ -60,22 +79,48 @@ class SimRequest:
 
 
 class Node:
-    __slots__ = ("de_queue", "dram", "engines", "group_tok", "idx", "read_q", "role", "snic")
+    __slots__ = (
+        "de_queue",
+        "dram",
+        "engines",
+        "group_tok",
+        "idx",
+        "low",
+        "pes",
+        "pos",
+        "read_q",
+        "role",
+        "snic",
+    )
 
     def __init__(self, loop: EventLoop, idx: int, role: str, snic_bps: float, dram_bps: float) -> None:
         self.idx = idx
         self.role = role
         self.snic = Link(loop, f"n{idx}.snic", snic_bps)
         self.dram = Link(loop, f"n{idx}.dram", dram_bps)
-        self.read_q = 0                 # tokens queued or in flight on this node's SNIC
-        self.group_tok = 0              # DE group: tokens of its unfinished requests (level-1 load)
+        self.read_q = 0  # tokens queued or in flight on this node's SNIC
+        self.group_tok = 0  # DE group: tokens of its unfinished requests (level-1 load)
         self.de_queue: deque[SimRequest] = deque()
         self.engines: list[DecodeEngine] = []
+        self.pes: list[PrefillEngine] = []
+        self.low = True  # read_q <= alpha (the PE choice prefers such nodes)
+        self.pos = 0  # position among the DE groups (level-1 tie order)
 
 
 class PrefillEngine:
-    __slots__ = ("batch", "busy", "cnic_in", "cnic_out", "compute_s", "idx", "node", "ready", "seq_e",
-                 "tok_e")
+    __slots__ = (
+        "batch",
+        "busy",
+        "cnic_in",
+        "cnic_out",
+        "compute_s",
+        "idx",
+        "node",
+        "order",
+        "ready",
+        "seq_e",
+        "tok_e",
+    )
 
     def __init__(self, idx: int, node: Node, cnic_in: Link, cnic_out: Link) -> None:
         self.idx = idx
@@ -88,13 +133,28 @@ class PrefillEngine:
         self.busy = False
         self.batch: list[tuple[SimRequest, int]] = []
         self.compute_s = 0.0
+        self.order = idx  # position in the report list (under_beta insertion order)
 
 
 class DecodeEngine:
     """Continuous batching as a fluid: `steps` advances at 1/step_s; a request leaves after its steps."""
 
-    __slots__ = ("attended", "cnic_in", "cnic_out", "free", "heap", "idx", "last", "n", "node", "seq_e",
-                 "step_s", "steps", "tok_e", "version")
+    __slots__ = (
+        "attended",
+        "cnic_in",
+        "cnic_out",
+        "free",
+        "heap",
+        "idx",
+        "last",
+        "n",
+        "node",
+        "seq_e",
+        "step_s",
+        "steps",
+        "tok_e",
+        "version",
+    )
 
     def __init__(self, idx: int, node: Node, cnic_in: Link, cnic_out: Link, free: int) -> None:
         self.idx = idx
@@ -108,7 +168,7 @@ class DecodeEngine:
         self.last = 0.0
         self.step_s = 0.0
         self.n = 0
-        self.attended = 0.0             # KV bytes one decode step reads for the whole batch
+        self.attended = 0.0  # KV bytes one decode step reads for the whole batch
         self.heap: list[tuple[float, int, SimRequest]] = []
         self.version = 0
 
@@ -118,6 +178,7 @@ class Metrics:
     arrival: array = field(default_factory=lambda: array("d"))
     ttft: array = field(default_factory=lambda: array("d"))
     tpot: array = field(default_factory=lambda: array("d"))
+    read: array = field(default_factory=lambda: array("d"))  # KV read time of each call (s)
     plans: dict[str, int] = field(default_factory=lambda: {"none": 0, "pe": 0, "de": 0, "split": 0})
     read_tokens_pe: int = 0
     read_tokens_de: int = 0
@@ -154,9 +215,17 @@ class ModelCost:
 
 
 class Simulation:
-    def __init__(self, preset: Preset, mode: Mode, traj: Trajectories, starts: np.ndarray,
-                 config: SchedulerConfig | None = None, block_tokens: int = 64,
-                 stop_calls_at: float = math.inf) -> None:
+    def __init__(
+        self,
+        preset: Preset,
+        mode: Mode,
+        traj: Trajectories,
+        starts: np.ndarray,
+        config: SchedulerConfig | None = None,
+        block_tokens: int = 64,
+        stop_calls_at: float = math.inf,
+        check_fast_paths: bool = False,
+    ) -> None:
         hw, model = preset.hardware, preset.model
         self.preset = preset
         self.loop = EventLoop()
@@ -179,15 +248,31 @@ class Simulation:
 
         cfg = config or SchedulerConfig()
         self.snic_tok_rate = hw.snic_bps / self.kv
-        self.sched = Scheduler(cfg, derive_thresholds(cfg, self.snic_tok_rate, self._prefill_rate(traj)),
-                               self._fit_attention(), mode)
+        self.sched = Scheduler(
+            cfg,
+            derive_thresholds(cfg, self.snic_tok_rate, self._prefill_rate(traj)),
+            self._fit_attention(),
+            mode,
+        )
         self.skips_io = self.sched.skips_io
         self.beta = self.sched.thresholds.beta
+        self.alpha = self.sched.thresholds.alpha
+        # dualpath/oracle: hand the scheduler only the engines/groups it could pick (see ranking.py);
+        # check_fast_paths also asks it with every report and asserts the same answer (tests).
+        self.fast = mode != "basic"
+        self.check_fast_paths = check_fast_paths and self.fast  # basic's round-robin cursors move on asking
+        self.narrowed = 0  # check_fast_paths: passes that gave the scheduler less than everything
 
         engines_per_node = hw.gpus_per_node // model.gpus_per_engine
         cnic = hw.cnic_bps * model.gpus_per_engine
-        free = int((hw.hbm_bytes * model.gpus_per_engine - model.weight_bytes * model.gpus_per_engine
-                    / model.weight_gpus - 10e9) / self.kv)
+        free = int(
+            (
+                hw.hbm_bytes * model.gpus_per_engine
+                - model.weight_bytes * model.gpus_per_engine / model.weight_gpus
+                - 10e9
+            )
+            / self.kv
+        )
         self.nodes: list[Node] = []
         self.pes: list[PrefillEngine] = []
         self.des: list[DecodeEngine] = []
@@ -199,13 +284,20 @@ class Simulation:
                 cin = Link(self.loop, f"n{i}.g{g}.in", cnic, hw.model_share)
                 cout = Link(self.loop, f"n{i}.g{g}.out", cnic, hw.model_share)
                 if role == "pe":
-                    self.pes.append(PrefillEngine(len(self.pes), node, cin, cout))
+                    pe = PrefillEngine(len(self.pes), node, cin, cout)
+                    self.pes.append(pe)
+                    node.pes.append(pe)
                 else:
                     de = DecodeEngine(len(self.des), node, cin, cout, free)
                     self.des.append(de)
                     node.engines.append(de)
         self.de_nodes = [n for n in self.nodes if n.role == "de"]
+        for pos, node in enumerate(self.de_nodes):
+            node.pos = pos
         self.under_beta: dict[int, PrefillEngine] = {e.idx: e for e in self.pes}
+        self._order = itertools.count(len(self.pes))
+        self.pe_rank = Ranking(len(self.pes), 2)  # class 0: node read_q <= alpha, 1: above
+        self.group_rank = Ranking(len(self.nodes), 1)
 
     # --- profiling, as a deployment would measure before serving ---------------------------------------
 
@@ -216,13 +308,22 @@ class Simulation:
         return ctx / self.cost.prefill_s(ctx, new)
 
     def _fit_attention(self) -> AttentionModel:
-        samples = [(c, n, self.cost.attention_flops(c, n) / self.cost.flops)
-                   for c in (0, 4096, 16384, 32768, 65536) for n in (64, 512, 2048, 8192)]
+        samples = [
+            (c, n, self.cost.attention_flops(c, n) / self.cost.flops)
+            for c in (0, 4096, 16384, 32768, 65536)
+            for n in (64, 512, 2048, 8192)
+        ]
         return fit_attention_model(samples)
 
     # --- run ---------------------------------------------------------------------------------------------
 
     def run(self) -> Metrics:
+        for node in self.nodes:
+            node.low = node.read_q <= self.alpha
+        for e in self.pes:
+            self._rank_pe(e)
+        for node in self.de_nodes:
+            self.group_rank.put(0, node.idx, node.group_tok, node.pos)
         for agent, t in enumerate(self.starts):
             self.loop.at(t, self._arrive, self._call(agent, 0, 0, 0))
         self.loop.run()
@@ -232,8 +333,13 @@ class Simulation:
         if call == 0:
             return SimRequest(agent, 0, self.first_prompt[agent], 0, self.gen[agent][0])
         history = prev_tokens + prev_gen
-        return SimRequest(agent, call, history + self.append[agent][call], history // self.bt * self.bt,
-                          self.gen[agent][call])
+        return SimRequest(
+            agent,
+            call,
+            history + self.append[agent][call],
+            history // self.bt * self.bt,
+            self.gen[agent][call],
+        )
 
     def _arrive(self, r: SimRequest) -> None:
         r.arrival = self.loop.now
@@ -250,9 +356,12 @@ class Simulation:
     def _schedule(self, _: object) -> None:
         self._pending = False
         if self.queue and self.under_beta:
-            reports = [EngineReport(e.idx, e.node.idx, "pe", e.seq_e, e.tok_e, e.node.read_q, 0)
-                       for e in self.under_beta.values()]
-            placements = self.sched.choose_pe(self._queued(), reports)
+            engines = self._pe_candidates(len(self.queue)) if self.fast else list(self.under_beta.values())
+            placements = self.sched.choose_pe(self._queued(), self._pe_reports(engines))
+            if self.check_fast_paths:
+                self.narrowed += len(engines) < len(self.under_beta)
+                full = self.sched.choose_pe(self._queued(), self._pe_reports(self.under_beta.values()))
+                assert [p.engine_id for p in full] == [p.engine_id for p in placements]
             placed: list[SimRequest] = []
             for p in placements:
                 r = self.queue.popleft()
@@ -262,28 +371,103 @@ class Simulation:
                 e.seq_e += 1
                 if e.tok_e > self.beta:
                     del self.under_beta[e.idx]
+                if self.fast:
+                    self._rank_pe(e)
                 placed.append(r)
             if placed:
-                groups = {n.idx: n.group_tok for n in self.de_nodes}
-                for sreq, g in self.sched.choose_de_group((r.sreq for r in placed), groups):
-                    node = self.nodes[g]
-                    node.group_tok += sreq.tokens
-                    node.de_queue.append(cast(SimRequest, sreq.request_id))
-                    self._dirty[node.idx] = node
+                self._place_groups(placed)
         dirty, self._dirty = self._dirty, {}
         for node in dirty.values():
             if node.de_queue:
                 self._place_de(node)
 
+    @staticmethod
+    def _pe_reports(engines: Iterable[PrefillEngine]) -> list[EngineReport]:
+        return [EngineReport(e.idx, e.node.idx, "pe", e.seq_e, e.tok_e, e.node.read_q, 0) for e in engines]
+
+    def _pe_candidates(self, k: int) -> list[PrefillEngine]:
+        """The k least-loaded engines under beta of each read_q class, in report (under_beta) order."""
+        rank = self.pe_rank
+        cands = rank.smallest(0, k) + rank.smallest(1, k)
+        cands.sort(key=lambda c: c[1])
+        return [self.pes[c[2]] for c in cands]
+
+    def _rank_pe(self, e: PrefillEngine) -> None:
+        if e.idx in self.under_beta:
+            self.pe_rank.put(0 if e.node.low else 1, e.idx, e.tok_e, e.order)
+        else:
+            self.pe_rank.remove(e.idx)
+
+    def _place_groups(self, placed: list[SimRequest]) -> None:
+        """DE choice level 1; with `fast`, only the len(placed) least-loaded groups can be picked."""
+        if self.fast:
+            cands = self.group_rank.smallest(0, len(placed))
+            cands.sort(key=lambda c: c[1])
+            groups = {c[2]: self.nodes[c[2]].group_tok for c in cands}
+        else:
+            groups = {n.idx: n.group_tok for n in self.de_nodes}
+        chosen = self.sched.choose_de_group((r.sreq for r in placed), groups)
+        if self.check_fast_paths:
+            full = self.sched.choose_de_group(
+                (r.sreq for r in placed), {n.idx: n.group_tok for n in self.de_nodes}
+            )
+            assert [g for _, g in full] == [g for _, g in chosen]
+        for sreq, g in chosen:
+            node = self.nodes[g]
+            node.group_tok += sreq.tokens
+            if self.fast:
+                self.group_rank.put(0, node.idx, node.group_tok, node.pos)
+            node.de_queue.append(cast(SimRequest, sreq.request_id))
+            self._dirty[node.idx] = node
+
+    def _add_read_q(self, node: Node, tokens: int) -> None:
+        node.read_q += tokens
+        low = node.read_q <= self.alpha
+        if low != node.low:
+            node.low = low
+            if self.fast:
+                for e in node.pes:
+                    self._rank_pe(e)
+
     def _queued(self) -> Iterator[Request]:
         for r in self.queue:
             yield r.sreq
 
+    @staticmethod
+    def _de_reports(node: Node) -> list[EngineReport]:
+        return [
+            EngineReport(e.idx, node.idx, "de", e.seq_e, e.tok_e, node.read_q, e.free) for e in node.engines
+        ]
+
     def _place_de(self, node: Node) -> None:
-        reports = [EngineReport(e.idx, node.idx, "de", e.seq_e, e.tok_e, node.read_q, e.free)
-                   for e in node.engines]
-        for p in self.sched.choose_de([r.sreq for r in node.de_queue], reports):
-            r = node.de_queue.popleft()
+        """DE choice level 2 on the group's queue prefix the scheduler can reach.
+
+        The scheduler places requests in order and stops at the first one no engine has memory for; every
+        placed request lies in R (the prefix that fits the group's free memory), so R and the request after
+        it are all it reads. When the head fits no engine nothing is placed, so it is not asked at all.
+        """
+        queue = node.de_queue
+        free = [e.free for e in node.engines]
+        head = queue[0]
+        if head.tokens + head.gen > max(free):
+            if self.check_fast_paths:
+                assert not self.sched.choose_de([head.sreq], self._de_reports(node))
+            return
+        room = sum(free)
+        n = 0
+        for r in queue:
+            n += 1
+            room -= r.tokens + r.gen
+            if room < 0:
+                break
+        reports = self._de_reports(node)
+        placements = self.sched.choose_de([r.sreq for r in itertools.islice(queue, n)], reports)
+        if self.check_fast_paths:
+            self.narrowed += n < len(queue)
+            full = self.sched.choose_de([r.sreq for r in queue], reports)
+            assert [p.engine_id for p in full] == [p.engine_id for p in placements]
+        for p in placements:
+            r = queue.popleft()
             de = self.des[cast(int, p.engine_id)]
             de.free -= r.tokens + r.gen
             de.tok_e += r.tokens
@@ -294,10 +478,12 @@ class Simulation:
     # --- storage reads -----------------------------------------------------------------------------------
 
     def _start_read(self, r: SimRequest) -> None:
+        r.t_read = self.loop.now
         blocks = r.cached // self.bt
         pe_node, de_node = r.pe.node, r.de.node
-        plan = self.sched.plan_read(blocks, self.bt, pe_node.read_q, de_node.read_q,
-                                    self.snic_tok_rate, self.snic_tok_rate)
+        plan = self.sched.plan_read(
+            blocks, self.bt, pe_node.read_q, de_node.read_q, self.snic_tok_rate, self.snic_tok_rate
+        )
         if self.skips_io or plan.kind == "none":
             self.metrics.plans["none"] += 1
             self._read_done(r)
@@ -310,14 +496,17 @@ class Simulation:
         job = Job(self._read_done, r)
         for node, tok in ((pe_node, r.pe_tok), (de_node, r.de_tok)):
             if tok:
-                node.read_q += tok
+                self._add_read_q(node, tok)
                 node.snic.add(tok * self.kv, KV, job)
                 node.dram.add(tok * self.kv, KV, job)
         job.start()
 
     def _read_done(self, r: SimRequest) -> None:
-        r.pe.node.read_q -= r.pe_tok
-        r.de.node.read_q -= r.de_tok
+        r.t_ready = self.loop.now
+        if r.pe_tok:
+            self._add_read_q(r.pe.node, -r.pe_tok)
+        if r.de_tok:
+            self._add_read_q(r.de.node, -r.de_tok)
         r.pe.ready.append(r)
         self._try_prefill(r.pe)
 
@@ -330,7 +519,8 @@ class Simulation:
         e.batch = [(cast(SimRequest, c.request_id), c.tokens) for c in self.sched.batch_prefill(work)]
         e.busy = True
         e.compute_s = self.preset.model.prefill_overhead_s + sum(
-            self.cost.prefill_s(r.cached + r.done, n) for r, n in e.batch)
+            self.cost.prefill_s(r.cached + r.done, n) for r, n in e.batch
+        )
         if self.sched.layerwise:
             self._launch(e, True, True, True, self._after_layers)
         else:
@@ -346,20 +536,27 @@ class Simulation:
         """Pipeline fill: the first layer's load precedes compute and the last layer's send follows it."""
         self.loop.at(self.loop.now + e.compute_s / self.layers, self._batch_end, e)
 
-    def _launch(self, e: PrefillEngine, load: bool, compute: bool, send: bool,
-                then: Callable[[PrefillEngine], None]) -> None:
-        """Start the loads into the PE GPU, its compute (and model traffic), and/or the sends to DEs."""
+    def _launch(
+        self, e: PrefillEngine, load: bool, compute: bool, send: bool, then: Callable[[PrefillEngine], None]
+    ) -> None:
+        """Start the loads into the PE GPU, its compute (and model traffic), and/or the sends to DEs.
+
+        Only this batch moves KV through the PE's own CNIC (one batch at a time per PE), so its per-request
+        loads (sends) there are one flow: the link is work-conserving, so the last of them would end at the
+        same moment, and the model class's share does not depend on how many KV flows there are.
+        """
         job = Job(then, e)
         kv = self.kv
         io = not self.skips_io
         if load and io:
-            local = 0
+            local = loads = 0
             for r, _ in e.batch:
                 local += r.pe_tok + r.done
+                loads += r.pe_tok + r.done + r.de_tok
                 if r.de_tok:
                     r.de.cnic_out.add(r.de_tok * kv, KV, job)
                     r.de.node.dram.add(r.de_tok * kv, KV, job)
-                e.cnic_in.add((r.pe_tok + r.done + r.de_tok) * kv, KV, job)
+            e.cnic_in.add(loads * kv, KV, job)
             e.node.dram.add(local * kv, KV, job)
         if compute:
             new = sum(n for _, n in e.batch)
@@ -368,11 +565,13 @@ class Simulation:
             job.left += 1
             self.loop.at(self.loop.now + e.compute_s, job.done)
         if send and io:
+            sends = 0.0
             for r, n in e.batch:
                 out = (n + (r.pe_tok if r.done == 0 else 0)) * kv
-                e.cnic_out.add(out, KV, job)
+                sends += out
                 r.de.cnic_in.add(out, KV, job)
                 r.de.node.dram.add(out, KV, job)
+            e.cnic_out.add(sends, KV, job)
         job.start()
 
     def _batch_end(self, e: PrefillEngine) -> None:
@@ -388,8 +587,11 @@ class Simulation:
         e.busy = False
         if e.tok_e <= self.beta and e.idx not in self.under_beta:
             self.under_beta[e.idx] = e
+            e.order = next(self._order)
             if self.queue:
                 self._kick()
+        if self.fast:
+            self._rank_pe(e)
         self._try_prefill(e)
 
     # --- decode ------------------------------------------------------------------------------------------
@@ -433,7 +635,7 @@ class Simulation:
             return
         self._advance(de)
         finished: list[SimRequest] = []
-        eps = 1e-9 * (1.0 + self.loop.now) / de.step_s   # see Link._on_finish: float clocks stall
+        eps = 1e-9 * (1.0 + self.loop.now) / de.step_s  # see Link._on_finish: float clocks stall
         while de.heap and de.heap[0][0] <= de.steps + eps:
             r = heapq.heappop(de.heap)[2]
             de.n -= 1
@@ -450,10 +652,13 @@ class Simulation:
         de.tok_e -= r.tokens
         de.seq_e -= 1
         de.node.group_tok -= r.tokens
+        if self.fast:
+            self.group_rank.put(0, de.node.idx, de.node.group_tok, de.node.pos)
         self._dirty[de.node.idx] = de.node
         m = self.metrics
         m.arrival.append(r.arrival)
         m.ttft.append(r.t_first - r.arrival)
+        m.read.append(r.t_ready - r.t_read)
         m.tpot.append((now - r.t_join) / (r.gen - 1) if r.gen > 1 else 0.0)
         m.persisted_bytes += ((r.tokens + r.gen) // self.bt * self.bt - r.cached) * self.kv
         if r.call + 1 < self.calls and now < self.stop_calls_at:

@@ -20,28 +20,45 @@ KV = 1
 
 
 class EventLoop:
-    """Events are (time, seq, callback, arg); seq keeps same-time events in insertion order (determinism)."""
+    """Events are (time, seq, callback, arg); seq keeps same-time events in insertion order (determinism).
 
-    __slots__ = ("_heap", "_seq", "events", "now")
+    Links changed by a callback are recomputed once after it returns (`dirty`), however many flows the
+    callback started or ended on them: a batch that starts ten flows on one CNIC schedules one event.
+    """
+
+    __slots__ = ("_heap", "_seq", "dirty", "events", "now")
 
     def __init__(self) -> None:
         self.now = 0.0
         self.events = 0
         self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
         self._seq = itertools.count()
+        self.dirty: list[Link] = []
 
     def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
 
+    def flush(self) -> None:
+        dirty = self.dirty
+        for link in dirty:
+            link._reschedule()
+        dirty.clear()
+
     def run(self, until: float = math.inf) -> None:
         heap = self._heap
         pop = heapq.heappop
+        dirty = self.dirty
         n = 0
+        self.flush()
         while heap and heap[0][0] <= until:
             t, _, fn, arg = pop(heap)
             self.now = t
             fn(arg)
             n += 1
+            if dirty:
+                for link in dirty:
+                    link._reschedule()
+                dirty.clear()
         self.events += n
 
 
@@ -53,7 +70,7 @@ class Job:
     def __init__(self, fn: Callable[[Any], None], arg: Any) -> None:
         self.fn = fn
         self.arg = arg
-        self.left = 1          # a guard part released by `start`, so parts ending early cannot fire it
+        self.left = 1  # a guard part released by `start`, so parts ending early cannot fire it
 
     def done(self, _: Any = None) -> None:
         self.left -= 1
@@ -67,8 +84,22 @@ class Job:
 class Link:
     """One direction of one NIC (or a node's DRAM) as a fluid resource with two priority classes."""
 
-    __slots__ = ("_heaps", "_last", "_loop", "_rate", "_seq", "_v", "_version", "capacity", "carried",
-                 "model_share", "name", "served")
+    __slots__ = (
+        "_dirty",
+        "_fin",
+        "_heaps",
+        "_last",
+        "_loop",
+        "_rate",
+        "_seq",
+        "_v",
+        "_version",
+        "capacity",
+        "carried",
+        "model_share",
+        "name",
+        "served",
+    )
 
     def __init__(self, loop: EventLoop, name: str, capacity: float, model_share: float = 0.99) -> None:
         self._loop = loop
@@ -80,18 +111,24 @@ class Link:
         self._heaps: tuple[list[tuple[float, int, float, Job]], ...] = ([], [])
         self._last = 0.0
         self._version = 0
+        self._dirty = False
+        self._fin = self._on_finish  # one bound method, not one per scheduled event
         self._seq = itertools.count()
-        self.served = [0.0, 0.0]       # bytes delivered, integrated from the rates
-        self.carried = [0.0, 0.0]      # bytes of finished flows
+        self.served = [0.0, 0.0]  # bytes delivered, integrated from the rates
+        self.carried = [0.0, 0.0]  # bytes of finished flows
 
     def add(self, nbytes: float, cls: int, job: Job) -> None:
         """Start a flow of `nbytes` in class `cls` that counts as one part of `job`."""
         if nbytes <= 0:
             return
         job.left += 1
-        self._advance(self._loop.now)
+        loop = self._loop
+        if loop.now != self._last:
+            self._advance(loop.now)
         heapq.heappush(self._heaps[cls], (self._v[cls] + nbytes, next(self._seq), nbytes, job))
-        self._reschedule()
+        if not self._dirty:
+            self._dirty = True
+            loop.dirty.append(self)
 
     def active(self, cls: int) -> int:
         return len(self._heaps[cls])
@@ -99,48 +136,71 @@ class Link:
     def _advance(self, now: float) -> None:
         dt = now - self._last
         if dt > 0:
-            for c in (MODEL, KV):
-                r = self._rate[c]
-                if r:
-                    self._v[c] += r * dt
-                    self.served[c] += r * dt * len(self._heaps[c])
+            rate, v, served, heaps = self._rate, self._v, self.served, self._heaps
+            r = rate[0]
+            if r:
+                v[0] += r * dt
+                served[0] += r * dt * len(heaps[0])
+            r = rate[1]
+            if r:
+                v[1] += r * dt
+                served[1] += r * dt * len(heaps[1])
             self._last = now
 
     def _reschedule(self) -> None:
-        n_model, n_kv = len(self._heaps[MODEL]), len(self._heaps[KV])
+        self._dirty = False
+        hm, hk = self._heaps
+        n_model, n_kv = len(hm), len(hk)
         cap = self.capacity
+        rate = self._rate
         if n_model:
             model_cap = cap * self.model_share if n_kv else cap
-            self._rate[MODEL] = model_cap / n_model
-            self._rate[KV] = (cap - model_cap) / n_kv if n_kv else 0.0
+            r_model = rate[0] = model_cap / n_model
+            r_kv = rate[1] = (cap - model_cap) / n_kv if n_kv else 0.0
         else:
-            self._rate[MODEL] = 0.0
-            self._rate[KV] = cap / n_kv if n_kv else 0.0
+            r_model = rate[0] = 0.0
+            r_kv = rate[1] = cap / n_kv if n_kv else 0.0
         self._version += 1
+        v = self._v
         wait = math.inf
-        for c in (MODEL, KV):
-            if self._heaps[c] and self._rate[c] > 0:
-                wait = min(wait, (self._heaps[c][0][0] - self._v[c]) / self._rate[c])
+        if n_model and r_model > 0:
+            wait = (hm[0][0] - v[0]) / r_model
+        if n_kv and r_kv > 0:
+            w = (hk[0][0] - v[1]) / r_kv
+            if w < wait:
+                wait = w
         if wait < math.inf:
-            self._loop.at(self._loop.now + max(wait, 0.0), self._on_finish, self._version)
+            loop = self._loop
+            heapq.heappush(
+                loop._heap,
+                (loop.now + (wait if wait > 0.0 else 0.0), next(loop._seq), self._fin, self._version),
+            )
 
     def _on_finish(self, version: int) -> None:
         if version != self._version:
-            return                     # superseded by a later add/finish on this link
-        self._advance(self._loop.now)
+            return  # superseded by a later add/finish on this link
+        loop = self._loop
+        now = loop.now
+        self._advance(now)
         finished: list[Job] = []
         # A flow within a nanosecond-per-second of `now` is done: a later event could not advance the
         # float clock, and waiting for it would loop forever.
-        slack = 1e-9 * (1.0 + self._loop.now)
+        slack = 1e-9 * (1.0 + now)
+        pop = heapq.heappop
         for c in (MODEL, KV):
-            heap, v = self._heaps[c], self._v[c]
-            eps = self._rate[c] * slack + 1e-9 * v
-            while heap and heap[0][0] <= v + eps:
-                _, _, nbytes, job = heapq.heappop(heap)
+            heap = self._heaps[c]
+            if not heap:
+                continue
+            v = self._v[c]
+            limit = v + self._rate[c] * slack + 1e-9 * v
+            while heap and heap[0][0] <= limit:
+                _, _, nbytes, job = pop(heap)
                 self.carried[c] += nbytes
                 finished.append(job)
             if not heap:
-                self._v[c] = 0.0       # restart the virtual clock: keeps float precision over long runs
-        self._reschedule()
+                self._v[c] = 0.0  # restart the virtual clock: keeps float precision over long runs
+        if not self._dirty:
+            self._dirty = True
+            loop.dirty.append(self)
         for job in finished:
             job.done()

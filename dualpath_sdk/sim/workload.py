@@ -42,9 +42,9 @@ SHAPES: dict[str, WorkloadShape] = {
 class Trajectories:
     """Per agent: first prompt, and per call the appended and generated token counts."""
 
-    first_prompt: np.ndarray       # [agents]
-    append: np.ndarray             # [agents, calls]
-    gen: np.ndarray                # [agents, calls]
+    first_prompt: np.ndarray  # [agents]
+    append: np.ndarray  # [agents, calls]
+    gen: np.ndarray  # [agents, calls]
 
     @property
     def agents(self) -> int:

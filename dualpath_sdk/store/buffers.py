@@ -35,8 +35,15 @@ class HostBufferPool:
     """A fixed number of Full Block slots in one contiguous (pinned when CUDA is present) tensor."""
 
     def __init__(
-        self, layout: KVLayout, slots: int, name: str = "buffer", pin_memory: bool | None = None
+        self,
+        layout: KVLayout,
+        slots: int,
+        name: str = "buffer",
+        pin_memory: bool | None = None,
+        region: torch.Tensor | None = None,
     ) -> None:
+        """`region`: memory to cut the slots from (a transport's registered region, so peers can
+        write into the slots); by default the pool allocates its own."""
         if slots <= 0:
             raise InvalidInput(f"a host buffer needs at least one slot, got {slots}")
         if pin_memory is None:
@@ -45,7 +52,11 @@ class HostBufferPool:
         self.name = name
         self.capacity = slots
         self.slot_stride = round_up(layout.full_block_nbytes)
-        self.region = aligned_empty(slots * self.slot_stride, pin_memory=pin_memory)
+        if region is None:
+            region = aligned_empty(slots * self.slot_stride, pin_memory=pin_memory)
+        elif region.dtype != torch.uint8 or region.numel() < slots * self.slot_stride:
+            raise InvalidInput(f"{name}: the region holds fewer than {slots} slots")
+        self.region = region
         nbytes = layout.full_block_nbytes
         self._slots = [
             BufferSlot(
@@ -55,6 +66,11 @@ class HostBufferPool:
         ]
         self._free = list(range(slots - 1, -1, -1))
         self._cond = threading.Condition()
+
+    @staticmethod
+    def region_bytes(layout: KVLayout, slots: int) -> int:
+        """The size of a region that holds `slots` slots (to allocate it from a transport)."""
+        return slots * round_up(layout.full_block_nbytes)
 
     @property
     def free(self) -> int:

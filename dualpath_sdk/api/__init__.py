@@ -1,0 +1,1 @@
+"""The user's side: Cluster and Session, no engine internals."""

@@ -1,0 +1,313 @@
+"""The controller: the cluster's side of the control channel, the global request queue, and the
+state machine of one step across a PE and a DE.
+
+submit -> (a PE fetches) -> Admit to the DE + Prefill to the PE -> Admitted (DE read done) ->
+DeSlots to the PE -> Prefilled (first token) -> Decode to the DE -> Tokens ... -> Finished.
+A request whose engine dies (or fails it) before any token reached the caller is retried on
+healthy engines; otherwise the caller gets EngineUnavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, Listener
+from typing import Literal
+
+from dualpath_sdk.engine.messages import (
+    Admit,
+    Admitted,
+    Cancel,
+    Decode,
+    DeSlots,
+    Failed,
+    Fetch,
+    Finished,
+    Hello,
+    Prefill,
+    Prefilled,
+    Report,
+    Tokens,
+)
+from dualpath_sdk.engine.sequence import SamplingParams
+from dualpath_sdk.errors import EngineUnavailable
+
+PlanKind = Literal["none", "pe", "de", "split"]
+PlanChoice = Literal["auto", "pe", "de", "split"]
+MAX_ATTEMPTS = 2
+
+
+@dataclass
+class StepRequest:
+    token_ids: list[int]
+    params: SamplingParams
+    tenant: str
+    keys: list[bytes]  # keys of the prompt blocks the store holds (the cached prefix), in order
+    plan: PlanChoice = "auto"
+
+
+@dataclass
+class StepOutcome:
+    """What the caller learns when a step ends (tokens arrive separately, as they come)."""
+
+    finish_reason: str
+    plan: PlanKind
+    num_cached: int
+    bytes_pe: int
+    bytes_de: int
+    persisted: int
+    queue_s: float
+    read_s: float
+    prefill_s: float
+    ttft_s: float
+    decode_s: float
+
+
+@dataclass
+class _Engine:
+    hello: Hello
+    conn: Connection
+    report: Report | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    fetching: bool = False
+    alive: bool = True
+
+
+@dataclass
+class _Step:
+    req_id: str
+    request: StepRequest
+    events: queue.Queue[tuple[str, object]]
+    submitted: float = field(default_factory=time.perf_counter)
+    attempts: int = 0
+    pe: str | None = None
+    de: str | None = None
+    plan: PlanKind = "none"
+    dispatched: float = 0.0
+    de_read_s: float = 0.0
+    prefilled: Prefilled | None = None
+    first_token_at: float = 0.0
+    streamed: bool = False
+
+
+class Controller:
+    def __init__(self, authkey: bytes, block_size: int) -> None:
+        self.block_size = block_size
+        self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        self.address: tuple[str, int] = self.listener.address
+        self.lock = threading.RLock()
+        self.engines: dict[str, _Engine] = {}
+        self.engine_ready = threading.Condition(self.lock)
+        self.queue: deque[_Step] = deque()
+        self.steps: dict[str, _Step] = {}
+        self._ids = itertools.count()
+        self._de_turn = itertools.count()
+        self._closed = False
+        threading.Thread(target=self._accept, name="controller-accept", daemon=True).start()
+
+    # ---- the caller's side --------------------------------------------------------------------
+
+    def submit(self, request: StepRequest) -> tuple[str, queue.Queue[tuple[str, object]]]:
+        """Queue a step. Events: ("tokens", list[int]), then ("done", StepOutcome) or ("error", exc)."""
+        with self.lock:
+            step = _Step(f"r{next(self._ids)}", request, queue.Queue())
+            self.steps[step.req_id] = step
+            self.queue.append(step)
+            self._dispatch()
+            return step.req_id, step.events
+
+    def cancel(self, req_id: str) -> None:
+        with self.lock:
+            step = self.steps.pop(req_id, None)
+            if step is not None:
+                if step in self.queue:
+                    self.queue.remove(step)
+                self._cancel_on_engines(step)
+
+    def wait_for_engines(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while sum(e.alive for e in self.engines.values()) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise EngineUnavailable(
+                        f"only {len(self.engines)} of {count} engines started in {timeout} s"
+                    )
+                self.engine_ready.wait(left)
+
+    def engine_died(self, engine_id: str) -> None:
+        """Called by the launcher's health check: retry or fail every step that used the engine."""
+        with self.lock:
+            engine = self.engines.get(engine_id)
+            if engine is None or not engine.alive:
+                return
+            engine.alive = False
+            engine.conn.close()
+            for step in [s for s in self.steps.values() if engine_id in (s.pe, s.de)]:
+                self._retry_or_fail(step, f"engine {engine_id} died")
+
+    def last_seen(self) -> dict[str, float]:
+        with self.lock:
+            return {eid: e.last_seen for eid, e in self.engines.items() if e.alive}
+
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+            for engine in self.engines.values():
+                if engine.alive:
+                    with contextlib.suppress(OSError):
+                        engine.conn.send(None)
+        self.listener.close()
+
+    # ---- connections ---------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
+            hello = conn.recv()
+        except (EOFError, OSError):
+            return
+        assert isinstance(hello, Hello)
+        engine_id = hello.engine_id
+        with self.lock:
+            self.engines[engine_id] = _Engine(hello, conn)
+            self.engine_ready.notify_all()
+            self._dispatch()  # steps may be waiting for this engine (a respawned DE, say)
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return  # the health check decides whether the engine is dead
+            with self.lock:
+                engine = self.engines.get(engine_id)
+                if engine is None or engine.conn is not conn:
+                    return
+                engine.last_seen = time.monotonic()
+                self._on_message(engine, message)
+
+    def _send(self, engine_id: str, message: object) -> None:
+        with contextlib.suppress(OSError):  # a dead engine: the health check retries its steps
+            self.engines[engine_id].conn.send(message)
+
+    # ---- the state machine (under self.lock) -----------------------------------------------------
+
+    def _on_message(self, engine: _Engine, message: object) -> None:
+        if isinstance(message, Report):
+            engine.report = message
+            return
+        if isinstance(message, Fetch):
+            engine.report = message.report
+            engine.fetching = True
+            self._dispatch()
+            return
+        step = self.steps.get(getattr(message, "req_id", ""))
+        if step is None:
+            return  # a cancelled or retried step's late message
+        if isinstance(message, Admitted):
+            if step.pe is not None and step.de is not None:
+                step.de_read_s = message.read_s
+                buffer = self.engines[step.de].hello.buffer
+                assert buffer is not None
+                self._send(step.pe, DeSlots(step.req_id, buffer, message.offsets, message.valid_reads))
+        elif isinstance(message, Prefilled):
+            assert step.de is not None
+            step.prefilled = message
+            step.first_token_at = time.perf_counter()
+            step.streamed = True
+            step.events.put(("tokens", [message.first_token]))
+            request = step.request
+            tokens = [*request.token_ids, message.first_token]
+            stored = message.num_cached // self.block_size
+            self._send(step.de, Decode(step.req_id, tokens, request.params, request.tenant, stored))
+        elif isinstance(message, Tokens):
+            step.events.put(("tokens", message.tokens))
+        elif isinstance(message, Finished):
+            del self.steps[step.req_id]
+            step.events.put(("done", self._outcome(step, message)))
+        elif isinstance(message, Failed):
+            self._retry_or_fail(step, message.error)
+
+    def _dispatch(self) -> None:
+        """Hand queued steps to fetching PEs (global FIFO), choosing the DE and the read plan."""
+        while self.queue:
+            pes = [e for e in self.engines.values() if e.alive and e.fetching and e.hello.role == "pe"]
+            des = [e for e in self.engines.values() if e.alive and e.hello.role == "de"]
+            if not pes or not des:
+                return
+            pe = min(pes, key=lambda e: e.report.tokens if e.report else 0)
+            de = des[next(self._de_turn) % len(des)]
+            step = self.queue.popleft()
+            step.pe, step.de, step.dispatched = pe.hello.engine_id, de.hello.engine_id, time.perf_counter()
+            step.plan = self._plan(step, pe, de)
+            cached = len(step.request.keys)
+            split = {"none": 0, "pe": cached, "de": 0, "split": (cached + 1) // 2}[step.plan]
+            keys = list(enumerate(step.request.keys))
+            pe.fetching = False
+            self._send(de.hello.engine_id, Admit(step.req_id, len(step.request.token_ids), keys[split:]))
+            self._send(
+                pe.hello.engine_id,
+                Prefill(
+                    step.req_id,
+                    step.request.token_ids,
+                    de.hello.engine_id,
+                    keys[:split],
+                    list(range(split, cached)),
+                    step.request.params,
+                ),
+            )
+
+    def _plan(self, step: _Step, pe: _Engine, de: _Engine) -> PlanKind:
+        """The read side: forced, or the node with the shorter read queue (the paper's rule)."""
+        if not step.request.keys:
+            return "none"
+        if step.request.plan != "auto":
+            return step.request.plan
+        pe_q = pe.report.read_q if pe.report else 0
+        de_q = de.report.read_q if de.report else 0
+        return "pe" if pe_q <= de_q else "de"
+
+    def _retry_or_fail(self, step: _Step, why: str) -> None:
+        self._cancel_on_engines(step)
+        step.attempts += 1
+        if not step.streamed and step.attempts < MAX_ATTEMPTS:
+            step.pe = step.de = step.prefilled = None
+            self.queue.appendleft(step)
+            self._dispatch()
+            return
+        self.steps.pop(step.req_id, None)
+        step.events.put(("error", EngineUnavailable(f"step failed: {why}")))
+
+    def _cancel_on_engines(self, step: _Step) -> None:
+        for engine_id in (step.pe, step.de):
+            if engine_id is not None and self.engines[engine_id].alive:
+                self._send(engine_id, Cancel(step.req_id))
+
+    def _outcome(self, step: _Step, finished: Finished) -> StepOutcome:
+        p = step.prefilled
+        assert p is not None
+        now = time.perf_counter()
+        return StepOutcome(
+            finish_reason=finished.reason,
+            plan=step.plan,
+            num_cached=p.num_cached,
+            bytes_pe=p.bytes_pe,
+            bytes_de=p.bytes_de,
+            persisted=finished.persisted,
+            queue_s=step.dispatched - step.submitted,
+            read_s=max(p.read_s, step.de_read_s),
+            prefill_s=p.prefill_s,
+            ttft_s=step.first_token_at - step.submitted,
+            decode_s=now - step.first_token_at,
+        )

@@ -1,0 +1,210 @@
+"""The decode engine (DE): owns the DE buffer where every prompt's KV gathers, and decodes.
+
+Per request: `Admit` reserves buffer slots for the prompt's blocks and reads the DE's share of the
+cached ones into them (DE read path); PEs then stream each layer's KV into the same slots. On
+`Decode` the prompt's new Full Blocks are persisted straight from the slots, the sequence joins the
+running batch (its first forward takes the prompt KV from the slots layer by layer, then the slots
+are freed), and each Full Block of generated tokens is persisted as it fills.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from dualpath_sdk.config import EngineConfig
+from dualpath_sdk.engine.core import EngineCore
+from dualpath_sdk.engine.messages import Admit, Admitted, Decode, Finished, Tokens
+from dualpath_sdk.engine.sequence import Sequence, Status
+from dualpath_sdk.kv.block import FullBlock
+from dualpath_sdk.kv.keys import block_keys
+from dualpath_sdk.model.loader import Model
+from dualpath_sdk.store.backend import BlockStore
+from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
+from dualpath_sdk.transfer import Transport
+
+Send = Callable[[object], None]
+
+
+class _SlotPrefix:
+    """A prompt's KV in DE buffer slots, as the CachedPrefix the engine core imports layer by layer."""
+
+    def __init__(self, slots: list[BufferSlot], num_tokens: int) -> None:
+        self.slots = slots
+        self.num_tokens = num_tokens
+
+    def layer(self, index: int) -> torch.Tensor:
+        return torch.stack([slot.block.layer(index) for slot in self.slots])
+
+
+@dataclass
+class _Request:
+    req_id: str
+    slots: list[BufferSlot]
+    seq: Sequence | None = None
+    persisted: int = 0  # Full Blocks of this request written to the store
+    next_block: int = 0  # the first block of the sequence not yet persisted
+    writes: list[Future[None]] = field(default_factory=list)
+
+
+class DecodeWorker:
+    def __init__(
+        self,
+        engine_id: str,
+        model: Model,
+        config: EngineConfig,
+        store: BlockStore,
+        transport: Transport,
+        buffer_slots: int,
+        send: Send,
+    ) -> None:
+        self.core = EngineCore(model, config)
+        self.layout = self.core.layout
+        self.store = store
+        self.send = send
+        self.region = transport.allocate(
+            f"{engine_id}-de-buffer", HostBufferPool.region_bytes(self.layout, buffer_slots)
+        )
+        self.buffer = HostBufferPool(self.layout, buffer_slots, "DE buffer", region=self.region.tensor)
+        self.readers = ThreadPoolExecutor(2, thread_name_prefix="de-read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="de-persist")
+        self.requests: dict[str, _Request] = {}
+        self._reading = 0  # tokens of reads in flight: this node's read queue
+
+    # ---- load figures ------------------------------------------------------------------------
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.seq.token_ids) for r in self.requests.values() if r.seq is not None)
+
+    @property
+    def read_queue_tokens(self) -> int:
+        return self._reading
+
+    # ---- tasks ---------------------------------------------------------------------------------
+
+    def admit(self, task: Admit) -> None:
+        """Reserve the prompt's slots and read the DE's share of its cached blocks into them."""
+        slots = self.buffer.acquire(-(-task.prompt_len // self.layout.block_size), timeout=60.0)
+        self.requests[task.req_id] = _Request(task.req_id, slots)
+        offsets = [slot.offset for slot in slots]
+        if not task.reads:
+            self.send(Admitted(task.req_id, offsets, 0, 0.0))
+            return
+        tokens = len(task.reads) * self.layout.block_size
+        self._reading += tokens
+        started = time.perf_counter()
+
+        def read() -> None:
+            try:
+                ok = self.store.read_many([(key, slots[i].block) for i, key in task.reads])
+            finally:
+                self._reading -= tokens
+            valid = next((i for i, good in enumerate(ok) if not good), len(ok))
+            self.send(Admitted(task.req_id, offsets, valid, time.perf_counter() - started))
+
+        self.readers.submit(read)
+
+    def decode(self, task: Decode) -> None:
+        request = self.requests[task.req_id]
+        prompt_len = len(task.token_ids) - 1
+        keys = block_keys(
+            self.core.root_key(task.tenant), task.token_ids[:prompt_len], self.layout.block_size
+        )
+        request.persisted = len(keys) - task.stored_blocks
+        blocks = [request.slots[i].block for i in range(task.stored_blocks, len(keys))]
+        parents = [keys[i - 1] if i else None for i in range(task.stored_blocks, len(keys))]
+        if blocks:
+            request.writes.append(
+                self.writer.submit(self._put_all, keys[task.stored_blocks :], parents, blocks)
+            )
+        reason = self.core.stop_reason(task.params, task.token_ids[-1], 1)  # the PE's first token
+        if reason is not None:
+            self._finish(request, reason)
+            return
+        params = replace(task.params, max_tokens=task.params.max_tokens - 1)
+        request.seq = self.core.add(
+            task.token_ids, params, tenant=task.tenant, prefix=_SlotPrefix(request.slots, prompt_len)
+        )
+        request.next_block = len(keys)
+
+    def cancel(self, req_id: str) -> None:
+        request = self.requests.get(req_id)
+        if request is not None:
+            if request.seq is not None and request.seq.status != Status.FINISHED:
+                self.core.abort(request.seq)
+            self._finish(request, "abort", notify=False)
+
+    @property
+    def has_work(self) -> bool:
+        return self.core.has_work
+
+    def step(self) -> None:
+        """One decode step of the running batch; streams tokens and persists filled blocks."""
+        sampled = self.core.step()
+        for request in list(self.requests.values()):
+            seq = request.seq
+            if seq is None:
+                continue
+            if request.slots and seq.prefix is None and seq.status != Status.WAITING:
+                self.buffer.release(request.slots)  # the prompt KV is in the pool now
+                request.slots = []
+            self._persist_filled(request)
+        for seq in sampled:
+            request = self._by_seq(seq)
+            self.send(Tokens(request.req_id, [seq.token_ids[-1]]))
+            if seq.status == Status.FINISHED:
+                self._finish(request, seq.finish_reason or "stop")
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _persist_filled(self, request: _Request) -> None:
+        seq = request.seq
+        assert seq is not None
+        new = range(request.next_block, len(seq.keys))
+        if not new:
+            return
+        blocks = [self.core.pool.export_block(seq.block_table[i], FullBlock.empty(self.layout)) for i in new]
+        parents = [seq.keys[i - 1] if i else None for i in new]
+        request.writes.append(self.writer.submit(self._put_all, seq.keys[new.start :], parents, blocks))
+        request.persisted += len(blocks)
+        request.next_block = len(seq.keys)
+
+    def _put_all(self, keys: list[bytes], parents: list[bytes | None], blocks: list[FullBlock]) -> None:
+        for key, parent, block in zip(keys, parents, blocks, strict=True):
+            self.store.put(key, parent, self.layout.block_size, block)
+
+    def _finish(self, request: _Request, reason: str, notify: bool = True) -> None:
+        """Free the request once its writes are durable; then tell the cluster (in write order)."""
+        del self.requests[request.req_id]
+        writes, slots = request.writes, request.slots
+
+        def done() -> None:
+            error = None
+            for write in writes:
+                try:
+                    write.result()
+                except Exception as exc:  # the store failed: the KV is recomputed next turn
+                    error = exc
+            if slots:
+                self.buffer.release(slots)
+            if notify:
+                self.send(Finished(request.req_id, reason, 0 if error else request.persisted))
+
+        self.writer.submit(done)
+
+    def _by_seq(self, seq: Sequence) -> _Request:
+        return next(r for r in self.requests.values() if r.seq is seq)
+
+    def close(self) -> None:
+        self.readers.shutdown(wait=True)
+        self.writer.shutdown(wait=True)
+        self.region.close()

@@ -1,0 +1,140 @@
+"""Control messages between the cluster and its engine processes (pickled over a local socket).
+
+The narrow interface of vLLM v1 between engine core and server: engines pull work (`Fetch`) and
+report the paper's load figures; the cluster sends tasks and gets results. KV never travels here:
+it moves between host buffers over the transport.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dualpath_sdk.engine.sequence import SamplingParams
+from dualpath_sdk.transfer import RegionDescriptor
+
+Role = Literal["pe", "de"]
+
+
+@dataclass(frozen=True)
+class Hello:
+    engine_id: str
+    role: Role
+    node: str
+    pid: int
+    fingerprint: str  # the model's: part of every block key's namespace
+    kv_dtype: str
+    buffer: RegionDescriptor | None  # the DE buffer's region (DE only): PEs attach to it
+
+
+@dataclass(frozen=True)
+class Report:
+    """The paper's figures: unfinished requests, their tokens, the node's storage read queue."""
+
+    engine_id: str
+    seq: int
+    tokens: int
+    read_q: int
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """An engine can take more work (the pull model): the cluster answers with queued tasks."""
+
+    report: Report
+
+
+# ---- cluster -> DE ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admit:
+    """Reserve DE buffer slots for a prompt and read `reads` (block index, key) into them."""
+
+    req_id: str
+    prompt_len: int
+    reads: list[tuple[int, bytes]]
+
+
+@dataclass(frozen=True)
+class Decode:
+    """The prompt's KV is complete in the DE buffer: persist its new Full Blocks, then decode."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + the first token, sampled by the PE
+    params: SamplingParams
+    tenant: str
+    stored_blocks: int  # leading prompt blocks already in the store
+
+
+@dataclass(frozen=True)
+class Cancel:
+    req_id: str
+
+
+# ---- cluster -> PE ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Prefill `token_ids` layer by layer on top of the blocks read on either side."""
+
+    req_id: str
+    token_ids: list[int]
+    de_engine: str
+    pe_reads: list[tuple[int, bytes]]  # (block index, key) the PE reads into its own buffer
+    de_reads: list[int]  # block indices the DE reads into the DE buffer
+    params: SamplingParams
+    layerwise: bool = True
+
+
+@dataclass(frozen=True)
+class DeSlots:
+    """Where the DE buffer holds the request's blocks, and how many leading blocks it read intact."""
+
+    req_id: str
+    buffer: RegionDescriptor
+    offsets: list[int]
+    valid_reads: int
+
+
+# ---- engines -> cluster -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admitted:
+    req_id: str
+    offsets: list[int]
+    valid_reads: int  # leading de_reads that read intact (a corrupt or missing block: recompute)
+    read_s: float
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    req_id: str
+    first_token: int
+    num_cached: int  # prompt tokens whose KV was loaded, not computed
+    read_s: float
+    prefill_s: float
+    bytes_pe: int
+    bytes_de: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    req_id: str
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class Finished:
+    req_id: str
+    reason: str
+    persisted: int  # Full Blocks this request wrote to the store
+
+
+@dataclass(frozen=True)
+class Failed:
+    req_id: str
+    error: str
+    retryable: bool = field(default=True)

@@ -1,0 +1,219 @@
+"""The prefill engine (PE): reads its share of a prompt's cached blocks, prefills layer by layer, and
+streams each layer's KV into the chosen DE's buffer.
+
+Per request (PAPER.md, two load paths):
+- PE read path: Full Blocks storage -> PE buffer; per layer, Layer Blocks PE buffer -> PE memory;
+  after the layer, loaded + new KV -> DE buffer.
+- DE read path: the DE read Full Blocks into its buffer; per layer, the PE pulls Layer Blocks from
+  the DE buffer; after the layer, only the new tokens' KV goes back.
+A split plan does both for different blocks. A block that fails to read (missing, corrupt) ends
+the cached prefix there: the rest is computed, never a wrong token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from dualpath_sdk.engine.messages import DeSlots, Prefill, Prefilled
+from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, prefill_layerwise
+from dualpath_sdk.engine.sampler import sample
+from dualpath_sdk.engine.sequence import Sequence
+from dualpath_sdk.kv.block import KVLayout
+from dualpath_sdk.model.loader import Model
+from dualpath_sdk.store.backend import BlockStore
+from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
+from dualpath_sdk.transfer import Region, RegionDescriptor, RemoteRegion, TransferOp, Transport
+
+
+@dataclass
+class _Pending:
+    task: Prefill
+    slots: list[BufferSlot]
+    reads: Future[list[bool]] | None
+    de: DeSlots | None = None
+    read_s: float = 0.0
+
+
+class PrefillWorker:
+    def __init__(
+        self,
+        engine_id: str,
+        model: Model,
+        layout: KVLayout,
+        store: BlockStore,
+        transport: Transport,
+        buffer_slots: int,
+        max_batch_tokens: int,
+    ) -> None:
+        self.model = model
+        self.layout = layout
+        self.store = store
+        self.transport = transport
+        bs = layout.block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.buffer_region = transport.allocate(
+            f"{engine_id}-pe-buffer", HostBufferPool.region_bytes(layout, buffer_slots)
+        )
+        self.buffer = HostBufferPool(layout, buffer_slots, "PE buffer", region=self.buffer_region.tensor)
+        max_blocks = -(-max_batch_tokens // bs) + buffer_slots  # a batch's blocks, cached ones included
+        self.work = transport.allocate(
+            f"{engine_id}-pe-work", IN_FLIGHT_LAYERS * max_blocks * layout.layer_block_nbytes
+        )
+        self.max_blocks = max_blocks
+        self.readers = ThreadPoolExecutor(2, thread_name_prefix="pe-read")
+        self.io = LayerIO()
+        self.pending: dict[str, _Pending] = {}
+        self._remotes: dict[str, RemoteRegion] = {}
+
+    # ---- load figures -----------------------------------------------------------------------
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.pending)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(p.task.token_ids) for p in self.pending.values())
+
+    @property
+    def read_queue_tokens(self) -> int:
+        bs = self.layout.block_size
+        return sum(len(p.task.pe_reads) * bs for p in self.pending.values() if p.reads and not p.reads.done())
+
+    # ---- tasks ------------------------------------------------------------------------------
+
+    def admit(self, task: Prefill) -> None:
+        """Start reading the PE's share of the cached blocks (backpressure: waits for buffer slots)."""
+        slots = self.buffer.acquire(len(task.pe_reads), timeout=60.0) if task.pe_reads else []
+        pending = self.pending[task.req_id] = _Pending(task, slots, None)
+        if task.pe_reads:
+            items = [(key, slot.block) for (_, key), slot in zip(task.pe_reads, slots, strict=True)]
+            started = time.perf_counter()
+            pending.reads = self.readers.submit(self.store.read_many, items)
+            pending.reads.add_done_callback(
+                lambda _: setattr(pending, "read_s", time.perf_counter() - started)
+            )
+
+    def de_ready(self, slots: DeSlots) -> None:
+        if slots.req_id in self.pending:
+            self.pending[slots.req_id].de = slots
+
+    def cancel(self, req_id: str) -> None:
+        pending = self.pending.pop(req_id, None)
+        if pending is not None:
+            if pending.reads is not None:
+                pending.reads.result()  # the slots are being written: wait before handing them back
+            self.buffer.release(pending.slots)
+
+    def ready(self) -> list[_Pending]:
+        return [p for p in self.pending.values() if p.de is not None and (p.reads is None or p.reads.done())]
+
+    def run(self, remote_for: Callable[[RegionDescriptor], RemoteRegion]) -> list[Prefilled]:
+        """Prefill the ready requests in one layer-wise batch (FIFO within the token budget)."""
+        batch: list[_Pending] = []
+        tokens = blocks = 0
+        for p in self.ready():
+            n = len(p.task.token_ids)
+            nb = -(-n // self.layout.block_size)
+            if batch and (tokens + n > self.max_batch_tokens or blocks + nb > self.max_blocks):
+                break
+            batch.append(p)
+            tokens, blocks = tokens + n, blocks + nb
+        if not batch:
+            return []
+        start = time.perf_counter()
+        jobs, byte_counts = [], []
+        base = 0
+        for p in batch:
+            job, counts = self._job(p, remote_for, base)
+            jobs.append(job)
+            byte_counts.append(counts)
+            base += -(-len(p.task.token_ids) // self.layout.block_size)
+        logits = prefill_layerwise(self.model.transformer, self.layout, jobs, self.io, self._layer_memory)
+        firsts = sample(logits, [_sampling_seq(p.task) for p in batch])
+        prefill_s = time.perf_counter() - start
+        results = []
+        for p, job, token, (bytes_pe, bytes_de) in zip(batch, jobs, firsts, byte_counts, strict=True):
+            del self.pending[p.task.req_id]
+            self.buffer.release(p.slots)
+            results.append(
+                Prefilled(p.task.req_id, token, job.num_cached, p.read_s, prefill_s, bytes_pe, bytes_de)
+            )
+        return results
+
+    # ---- one request's loads and sends -------------------------------------------------------------
+
+    def _job(
+        self, p: _Pending, remote_for: Callable[[RegionDescriptor], RemoteRegion], base: int
+    ) -> tuple[PrefillJob, tuple[int, int]]:
+        assert p.de is not None
+        task, bs, layer_bytes = p.task, self.layout.block_size, self.layout.layer_block_nbytes
+        pe_ok = p.reads.result() if p.reads is not None else []
+        pe_valid = next((i for i, ok in enumerate(pe_ok) if not ok), len(pe_ok))
+        n_pe = len(task.pe_reads)
+        cached_blocks = pe_valid if pe_valid < n_pe else n_pe + p.de.valid_reads
+        remote = remote_for(p.de.buffer)
+        offsets = p.de.offsets
+        n_blocks = -(-len(task.token_ids) // bs)
+        de_has = set(range(n_pe, cached_blocks))  # the DE's intact reads need not come back
+        sent = [i for i in range(n_blocks) if i not in de_has]
+        work = self.work
+
+        def load_layer(layer: int, kv: torch.Tensor) -> None:
+            for i in range(min(n_pe, cached_blocks)):
+                kv[i].copy_(p.slots[i].block.layer(layer))
+            if cached_blocks > n_pe:
+                first = _offset_in(work, kv[n_pe])
+                ops = [
+                    TransferOp(
+                        work,
+                        first + (i - n_pe) * layer_bytes,
+                        remote,
+                        offsets[i] + layer * layer_bytes,
+                        layer_bytes,
+                    )
+                    for i in range(n_pe, cached_blocks)
+                ]
+                self.transport.read_batch(ops, "kv").wait()
+
+        def send_layer(layer: int, kv: torch.Tensor) -> None:
+            first = _offset_in(work, kv[0])
+            ops = [
+                TransferOp(
+                    work, first + i * layer_bytes, remote, offsets[i] + layer * layer_bytes, layer_bytes
+                )
+                for i in sent
+            ]
+            self.transport.write_batch(ops, "kv").wait()
+
+        job = PrefillJob(task.token_ids, cached_blocks * bs, load_layer, send_layer)
+        full = self.layout.full_block_nbytes
+        return job, (min(n_pe, pe_valid) * full, max(cached_blocks - n_pe, 0) * full)
+
+    def _layer_memory(self, layer: int, blocks: int) -> torch.Tensor:
+        """Layer `layer`'s working KV, a view into the registered work region (a ring of 3 layers)."""
+        per_layer = self.max_blocks * self.layout.layer_block_nbytes
+        raw = self.work.tensor[(layer % IN_FLIGHT_LAYERS) * per_layer :][
+            : blocks * self.layout.layer_block_nbytes
+        ]
+        return raw.view(self.layout.dtype).view(blocks, *self.layout.layer_block_shape)
+
+    def close(self) -> None:
+        self.readers.shutdown(wait=True)
+        self.io.close()
+        self.work.close()
+        self.buffer_region.close()
+
+
+def _offset_in(region: Region, view: torch.Tensor) -> int:
+    return view.data_ptr() - region.tensor.data_ptr()
+
+
+def _sampling_seq(task: Prefill) -> Sequence:
+    """The request as `sample` takes it: its sampling params and its seeded generator."""
+    return Sequence(task.token_ids, task.params, b"", None)

@@ -1,0 +1,166 @@
+"""An engine process: one PE or DE ("one engine per GPU"), driven over the control channel.
+
+The loop is nano-vllm's: take messages -> do one unit of work (a DE decode step, a PE prefill
+batch) -> report. A PE pulls work (the paper's pull model): while it has room it keeps one `Fetch`
+outstanding, which the cluster answers with the next request of its global queue as soon as there
+is one. Every engine sends a `Report` heartbeat every HEARTBEAT_S, so the cluster notices a dead
+engine within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection
+
+import torch
+
+from dualpath_sdk.config import EngineConfig, StoreConfig, TransferConfig
+from dualpath_sdk.engine.core import kv_layout
+from dualpath_sdk.engine.de import DecodeWorker
+from dualpath_sdk.engine.messages import (
+    Admit,
+    Cancel,
+    Decode,
+    DeSlots,
+    Failed,
+    Fetch,
+    Hello,
+    Prefill,
+    Report,
+    Role,
+)
+from dualpath_sdk.engine.pe import PrefillWorker
+from dualpath_sdk.model.loader import load_model
+from dualpath_sdk.store import open_store
+from dualpath_sdk.transfer import RegionDescriptor, RemoteRegion, open_transport
+
+HEARTBEAT_S = 0.5
+PE_MAX_PENDING = (
+    4  # requests a PE holds (reading, waiting for its DE, or prefilling) before it stops fetching
+)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything an engine process needs, picklable (it crosses a spawn)."""
+
+    engine_id: str
+    role: Role
+    node: str
+    model: str | None
+    engine: EngineConfig
+    store: StoreConfig
+    transfer: TransferConfig
+    buffer_slots: int
+    threads: int
+
+
+class _Channel:
+    """The control connection; sends come from the loop and from I/O threads."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+
+def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> None:
+    torch.set_num_threads(spec.threads)
+    model = load_model(spec.model)
+    store = open_store(spec.store, node=spec.node)
+    transport = open_transport(spec.transfer, node=spec.node)
+    channel = _Channel(Client(address, authkey=authkey))
+    worker: PrefillWorker | DecodeWorker
+    if spec.role == "pe":
+        layout = kv_layout(model, spec.engine.block_size)
+        worker = PrefillWorker(
+            spec.engine_id, model, layout, store, transport, spec.buffer_slots, spec.engine.max_batch_tokens
+        )
+        buffer = None
+    else:
+        worker = DecodeWorker(
+            spec.engine_id, model, spec.engine, store, transport, spec.buffer_slots, channel.send
+        )
+        buffer = worker.region.descriptor
+    channel.send(
+        Hello(
+            spec.engine_id,
+            spec.role,
+            spec.node,
+            os.getpid(),
+            model.fingerprint,
+            kv_layout(model, 1).dtype_name,
+            buffer,
+        )
+    )
+    remotes: dict[str, RemoteRegion] = {}
+
+    def remote_for(descriptor: RegionDescriptor) -> RemoteRegion:
+        if descriptor.endpoint not in remotes:
+            remotes[descriptor.endpoint] = transport.attach(descriptor)
+        return remotes[descriptor.endpoint]
+
+    def report() -> Report:
+        return Report(spec.engine_id, worker.num_requests, worker.num_tokens, worker.read_queue_tokens)
+
+    last_beat = 0.0
+    fetching = False
+    try:
+        while True:
+            if isinstance(worker, PrefillWorker) and not fetching and worker.num_requests < PE_MAX_PENDING:
+                channel.send(Fetch(report()))
+                fetching = True
+            busy = worker.has_work if isinstance(worker, DecodeWorker) else bool(worker.ready())
+            wait = 0.0 if busy else 0.01
+            while channel.conn.poll(wait):
+                message = channel.conn.recv()
+                if message is None:  # the cluster's goodbye
+                    return
+                fetching = fetching and not isinstance(message, Prefill)
+                _handle(worker, message, channel)
+                wait = 0.0
+            if isinstance(worker, DecodeWorker):
+                if worker.has_work:
+                    worker.step()
+            else:
+                for result in worker.run(remote_for):
+                    channel.send(result)
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_S:
+                channel.send(report())
+                last_beat = now
+    except (EOFError, OSError):
+        return  # the cluster went away
+    finally:
+        worker.close()
+        for remote in remotes.values():
+            remote.close()
+        transport.close()
+        store.close()
+
+
+def _handle(worker: PrefillWorker | DecodeWorker, message: object, channel: _Channel) -> None:
+    req_id = getattr(message, "req_id", "?")
+    try:
+        if isinstance(message, Cancel):
+            worker.cancel(message.req_id)
+        elif isinstance(worker, PrefillWorker) and isinstance(message, Prefill):
+            worker.admit(message)
+        elif isinstance(worker, PrefillWorker) and isinstance(message, DeSlots):
+            worker.de_ready(message)
+        elif isinstance(worker, DecodeWorker) and isinstance(message, Admit):
+            worker.admit(message)
+        elif isinstance(worker, DecodeWorker) and isinstance(message, Decode):
+            worker.decode(message)
+        else:
+            raise TypeError(f"unexpected {type(message).__name__}")
+    except Exception as exc:
+        traceback.print_exc()
+        channel.send(Failed(req_id, f"{type(exc).__name__}: {exc}"))

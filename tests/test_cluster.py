@@ -1,0 +1,188 @@
+"""The dual-path data plane end to end: real PE and DE processes, real store, real transport.
+
+Over multi-turn sessions, greedy outputs through the cluster must equal transformers' (and the
+single-process engine's) token for token, whichever side read the cached KV.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from dualpath_sdk.api.cluster import Cluster
+from dualpath_sdk.api.session import Session
+from dualpath_sdk.config import ClusterConfig, EngineConfig, StoreConfig
+from dualpath_sdk.errors import EngineUnavailable, InvalidInput, SessionBusy
+from tests.conftest import Pair
+
+BLOCK = 16
+TURN_TOKENS = 37  # not a multiple of the block size: partial tail blocks every turn
+NEW_TOKENS = 12
+
+
+def _greedy(pair: Pair, prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    ids, cache = torch.tensor([prompt]), DynamicCache(config=pair.ref.config)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = pair.ref(ids, cache=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+def _turn(seed: int) -> list[int]:
+    return torch.randint(0, 512, (TURN_TOKENS,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama: Pair, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    config = ClusterConfig(
+        model=str(tiny_llama.path),
+        engine=EngineConfig(block_size=BLOCK, num_blocks=256),
+        store=StoreConfig(root=tmp_path_factory.mktemp("store")),
+        buffer_slots=64,
+    )
+    with Cluster(config) as running:
+        yield running
+
+
+def _step(session: Session, seed: int, plan: str) -> list[int]:
+    return session.step_tokens(_turn(seed), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan=plan).token_ids
+
+
+@pytest.mark.parametrize("plan", ["pe", "de", "split"])
+def test_five_turns_are_exact_over_each_read_path(cluster: Cluster, tiny_llama: Pair, plan: str) -> None:
+    session = cluster.session()
+    base = {"pe": 100, "de": 200, "split": 300}[plan]  # distinct tokens: no sharing between the tests
+    for turn in range(5):
+        before = session.token_ids
+        new = _turn(base + turn)
+        result = session.step_tokens(new, max_tokens=NEW_TOKENS, ignore_eos=True, read_plan=plan)
+        prompt = before + new
+        assert result.token_ids == _greedy(tiny_llama, prompt, NEW_TOKENS), f"turn {turn}"
+        assert session.token_ids == prompt + result.token_ids
+        if turn == 0:
+            assert result.load.plan == "none"
+            continue
+        # every complete block of the previous turns was persisted and is loaded, not recomputed
+        assert result.usage.cached_tokens == len(before) // BLOCK * BLOCK
+        assert result.load.plan == plan
+        full_blocks = result.usage.cached_tokens // BLOCK
+        block_bytes = result.load.bytes_pe + result.load.bytes_de
+        assert block_bytes > 0 and block_bytes % full_blocks == 0
+        if plan == "pe":
+            assert result.load.bytes_de == 0
+        elif plan == "de":
+            assert result.load.bytes_pe == 0
+        elif full_blocks > 1:
+            assert result.load.bytes_pe > 0 and result.load.bytes_de > 0
+
+
+def test_the_cluster_matches_the_single_process_engine(cluster: Cluster, tiny_llama: Pair) -> None:
+    from dualpath_sdk.engine.core import EngineCore
+    from dualpath_sdk.engine.sequence import SamplingParams
+
+    session = cluster.session()
+    _step(session, 10, "de")
+    result = session.step_tokens(_turn(11), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="split")
+    prompt = session.token_ids[:-NEW_TOKENS]
+    engine = EngineCore(tiny_llama.ours, EngineConfig(block_size=BLOCK, num_blocks=64))
+    alone = engine.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))[0]
+    assert result.token_ids == alone.output_ids
+
+
+def test_a_corrupted_block_costs_a_recompute_not_a_wrong_token(cluster: Cluster, tiny_llama: Pair) -> None:
+    session = cluster.session()
+    for turn in range(2):
+        _step(session, 20 + turn, "de")
+    store_root = Path(cluster.config.store.root) / "blocks"
+    first_key = session._manifest.block_keys[1]  # the second block of the conversation
+    (path,) = store_root.rglob(f"{first_key}*")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    before = session.token_ids
+    result = session.step_tokens(_turn(22), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="pe")
+    assert result.usage.cached_tokens == BLOCK  # only the block before the corrupt one was reused
+    assert result.token_ids == _greedy(tiny_llama, before + _turn(22), NEW_TOKENS)
+
+
+def test_bad_input_changes_nothing(cluster: Cluster) -> None:
+    session = cluster.session()
+    _step(session, 30, "pe")
+    before = session.token_ids
+    with pytest.raises(InvalidInput):
+        session.step_tokens([1, 2, 99999])
+    with pytest.raises(InvalidInput):
+        session.step_tokens([1, 2], read_plan="sideways")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput):
+        session.step_tokens([])
+    assert session.token_ids == before
+    assert cluster.session(session_id=session.id).token_ids == before
+
+
+def test_steps_of_one_session_do_not_overlap(cluster: Cluster) -> None:
+    session = cluster.session()
+    errors: list[Exception] = []
+
+    def slow_step() -> None:
+        session.step_tokens(_turn(40), max_tokens=200, ignore_eos=True)
+
+    worker = threading.Thread(target=slow_step)
+    worker.start()
+    time.sleep(0.05)
+    try:
+        session.step_tokens(_turn(41), max_tokens=2)
+    except SessionBusy as exc:
+        errors.append(exc)
+    worker.join()
+    assert errors, "a second concurrent step must raise SessionBusy"
+
+
+@pytest.mark.parametrize("victim", ["pe0", "de0"])
+def test_a_killed_engine_retries_or_fails_cleanly_and_the_session_resumes(
+    cluster: Cluster, tiny_llama: Pair, victim: str
+) -> None:
+    session = cluster.session()
+    _step(session, 50, "de")
+    before = session.token_ids
+    killer = threading.Timer(0.15, cluster.kill_engine, args=(victim,))
+    killer.start()
+    try:
+        result = session.step_tokens(_turn(51), max_tokens=400, ignore_eos=True, read_plan="de")
+    except EngineUnavailable:
+        assert session.token_ids == before  # a failed step leaves the session as it was
+        assert cluster.session(session_id=session.id).token_ids == before
+    else:
+        assert result.token_ids == _greedy(tiny_llama, before + _turn(51), 400)
+    killer.join()
+    resumed = cluster.session(session_id=session.id)
+    prompt = resumed.token_ids + _turn(52)
+    again = resumed.step_tokens(_turn(52), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="pe")
+    assert again.token_ids == _greedy(tiny_llama, prompt, NEW_TOKENS)
+
+
+def test_a_session_resumes_from_persisted_kv_after_a_restart(tiny_llama: Pair, tmp_path: Path) -> None:
+    config = ClusterConfig(
+        model=str(tiny_llama.path),
+        engine=EngineConfig(block_size=BLOCK, num_blocks=128),
+        store=StoreConfig(root=tmp_path),
+        buffer_slots=32,
+    )
+    with Cluster(config) as first:
+        session = first.session()
+        for turn in range(2):
+            _step(session, 60 + turn, "pe")
+        session_id, tokens = session.id, session.token_ids
+    with Cluster(config) as second:
+        resumed = second.session(session_id=session_id)
+        assert resumed.token_ids == tokens
+        result = resumed.step_tokens(_turn(62), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="de")
+        assert result.usage.cached_tokens == len(tokens) // BLOCK * BLOCK
+        assert result.token_ids == _greedy(tiny_llama, tokens + _turn(62), NEW_TOKENS)
