@@ -6,8 +6,10 @@ single-process engine's) token for token, whichever side read the cached KV.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from transformers import DynamicCache
 
 from dualpath_sdk.api.cluster import Cluster
 from dualpath_sdk.api.session import Session
-from dualpath_sdk.config import ClusterConfig, EngineConfig, StoreConfig
+from dualpath_sdk.config import ClusterConfig, EngineConfig, StoreConfig, TransferConfig
 from dualpath_sdk.errors import EngineUnavailable, InvalidInput, SessionBusy
 from tests.conftest import Pair
 
@@ -40,15 +42,29 @@ def _turn(seed: int) -> list[int]:
     return torch.randint(0, 512, (TURN_TOKENS,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_llama: Pair, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    config = ClusterConfig(
-        model=str(tiny_llama.path),
-        engine=EngineConfig(block_size=BLOCK, num_blocks=256),
-        store=StoreConfig(root=tmp_path_factory.mktemp("store")),
-        buffer_slots=64,
+def _cluster(pair: Pair, store: Path, backend: str) -> Cluster:
+    return Cluster(
+        ClusterConfig(
+            model=str(pair.path),
+            engine=EngineConfig(block_size=BLOCK, num_blocks=256),
+            store=StoreConfig(root=store),
+            transfer=TransferConfig(backend=backend),
+            buffer_slots=64,
+        )
     )
-    with Cluster(config) as running:
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_llama: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with _cluster(tiny_llama, tmp_path_factory.mktemp("store"), "local") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def mooncake_cluster(tiny_llama: Pair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if importlib.util.find_spec("mooncake") is None:
+        pytest.skip("mooncake-transfer-engine-non-cuda is not installed (make test installs it)")
+    with _cluster(tiny_llama, tmp_path_factory.mktemp("store"), "mooncake") as running:
         yield running
 
 
@@ -56,8 +72,12 @@ def _step(session: Session, seed: int, plan: str) -> list[int]:
     return session.step_tokens(_turn(seed), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan=plan).token_ids
 
 
+@pytest.mark.parametrize("transport", ["local", "mooncake"])
 @pytest.mark.parametrize("plan", ["pe", "de", "split"])
-def test_five_turns_are_exact_over_each_read_path(cluster: Cluster, tiny_llama: Pair, plan: str) -> None:
+def test_five_turns_are_exact_over_each_read_path(
+    request: pytest.FixtureRequest, tiny_llama: Pair, plan: str, transport: str
+) -> None:
+    cluster = request.getfixturevalue("cluster" if transport == "local" else "mooncake_cluster")
     session = cluster.session()
     base = {"pe": 100, "de": 200, "split": 300}[plan]  # distinct tokens: no sharing between the tests
     for turn in range(5):
@@ -169,18 +189,12 @@ def test_a_killed_engine_retries_or_fails_cleanly_and_the_session_resumes(
 
 
 def test_a_session_resumes_from_persisted_kv_after_a_restart(tiny_llama: Pair, tmp_path: Path) -> None:
-    config = ClusterConfig(
-        model=str(tiny_llama.path),
-        engine=EngineConfig(block_size=BLOCK, num_blocks=128),
-        store=StoreConfig(root=tmp_path),
-        buffer_slots=32,
-    )
-    with Cluster(config) as first:
+    with _cluster(tiny_llama, tmp_path, "local") as first:
         session = first.session()
         for turn in range(2):
             _step(session, 60 + turn, "pe")
         session_id, tokens = session.id, session.token_ids
-    with Cluster(config) as second:
+    with _cluster(tiny_llama, tmp_path, "local") as second:
         resumed = second.session(session_id=session_id)
         assert resumed.token_ids == tokens
         result = resumed.step_tokens(_turn(62), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="de")
