@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from dualpath_sdk.config import EngineConfig
-from dualpath_sdk.engine.core import EngineCore
-from dualpath_sdk.engine.sequence import SamplingParams
-from dualpath_sdk.model.chat import encode_chat
+from dualpath_sdk.api.cluster import Cluster
+from dualpath_sdk.cluster.controller import PlanChoice
 from dualpath_sdk.model.loader import load_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dualpath-sdk")
@@ -22,49 +18,51 @@ console = Console()
 @app.command()
 def demo(
     model: str = typer.Option(None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"),
-    max_tokens: int = typer.Option(64, help="tokens to generate per turn"),
+    storage: str = typer.Option(None, help="store directory (default: ~/.cache/dualpath/store)"),
+    max_tokens: int = typer.Option(48, help="tokens to generate per turn"),
 ) -> None:
-    """Answer a two-turn conversation; the second turn reuses the first turn's KV."""
-    loaded = load_model(model)
-    if loaded.tokenizer is None:
-        raise typer.BadParameter("the model has no tokenizer files")
-    engine = EngineCore(loaded, EngineConfig())
-    messages: list[dict[str, str]] = [
-        {"role": "system", "content": "You are a concise coding assistant."},
-        {"role": "user", "content": "What does `git bisect` do? Two sentences."},
+    """An agent conversation on the embedded cluster (one PE and one DE process): each turn after the
+    first reloads the conversation's KV from the store, over the PE path, the DE path, then both."""
+    turns: list[tuple[str, PlanChoice]] = [
+        ("What does `git bisect` do? Two sentences.", "auto"),
+        ("Show the commands for one run of it.", "pe"),
+        ("How do I stop it when I am done?", "de"),
+        ("Summarise the whole procedure in one line.", "split"),
     ]
-    follow_ups = ["Show the commands for one run of it."]
-    history: list[int] = []
-    params = SamplingParams(max_tokens=max_tokens)
-    table = Table("turn", "prompt", "cached", "generated", "TTFT ms", "tok/s")
-    for turn in range(len(follow_ups) + 1):
-        prompt = encode_chat(loaded.tokenizer, messages)
-        if history and prompt[: len(history)] != history:
-            raise RuntimeError("the chat template re-tokenized the history")  # the session avoids this
-        start = time.perf_counter()
-        seq = engine.add(prompt, params)
-        first = None
-        while engine.has_work:
-            engine.step()
-            first = first or time.perf_counter()
-        elapsed = time.perf_counter() - start
-        assert first is not None
-        answer = str(loaded.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
-        console.print(f"[bold cyan]user:[/] {messages[-1]['content']}\n[bold green]assistant:[/] {answer}\n")
-        decode_s = max(elapsed - (first - start), 1e-9)
-        table.add_row(
-            str(turn + 1),
-            str(seq.prompt_len),
-            str(seq.num_cached),
-            str(len(seq.output_ids)),
-            f"{(first - start) * 1000:.0f}",
-            f"{max(len(seq.output_ids) - 1, 0) / decode_s:.1f}",
+    console.print("[bold]Starting the embedded cluster[/] (1 prefill + 1 decode engine process)...")
+    with Cluster.local(model=model, storage=storage) as cluster:
+        session = cluster.session(system="You are a concise assistant for software engineers.")
+        table = Table(
+            "turn",
+            "read plan",
+            "prompt",
+            "cached",
+            "generated",
+            "KV via PE",
+            "KV via DE",
+            "TTFT ms",
+            "TPOT ms",
         )
-        messages.append({"role": "assistant", "content": answer})
-        if turn < len(follow_ups):
-            messages.append({"role": "user", "content": follow_ups[turn]})
-        history = prompt + seq.output_ids
-    console.print(table)
+        for turn, (text, plan) in enumerate(turns, start=1):
+            result = session.step(text, max_tokens=max_tokens, read_plan=plan)
+            console.print(f"[bold cyan]user:[/] {text}\n[bold green]assistant:[/] {result.text}\n")
+            table.add_row(
+                str(turn),
+                result.load.plan,
+                str(result.usage.prompt_tokens),
+                str(result.usage.cached_tokens),
+                str(result.usage.completion_tokens),
+                _kib(result.load.bytes_pe),
+                _kib(result.load.bytes_de),
+                f"{result.timings.ttft_s * 1000:.0f}",
+                f"{result.timings.tpot_s * 1000:.1f}",
+            )
+        console.print(table)
+        console.print(f"session {session.id} is persisted: resume it with cluster.session(session_id=...)")
+
+
+def _kib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n else "-"
 
 
 @app.command()

@@ -83,7 +83,10 @@ class Session:
     # ---- steps ------------------------------------------------------------------------------
 
     def step(self, turn: str | Message | Sequence[Message], **sampling: Any) -> StepResult:
-        """One turn: a user string, a message, or a list of messages (tool results, ...)."""
+        """One turn: a user string, a message, or a list of messages (tool results, ...).
+
+        Keywords: max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos, read_plan.
+        """
         chunks = list(self._run(self._chat_ids(turn), _messages(turn), **sampling))
         return chunks[-1]  # type: ignore[return-value]
 
