@@ -6,6 +6,8 @@ import argparse
 import importlib
 import json
 
+import torch
+
 from dualpath_sdk.bench import BENCHMARKS
 
 
@@ -13,10 +15,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m dualpath_sdk.bench")
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--quick", action="store_true", help="a smaller run, under two minutes")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1, as each engine process runs)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     module = importlib.import_module(f"dualpath_sdk.bench.{args.name}")
     figures = module.main(quick=args.quick)
-    print(json.dumps({"benchmark": args.name, "quick": args.quick, **figures}, sort_keys=True))
+    print(
+        json.dumps(
+            {"benchmark": args.name, "quick": args.quick, "threads": args.threads, **figures}, sort_keys=True
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def main(quick: bool) -> dict:
     table = Table(title=f"engine: default model, fp32, {torch.get_num_threads()} threads, best of {repeats}")
     for column in ("", "ours tok/s", "transformers tok/s", "ours / transformers"):
         table.add_column(column, justify="right")
-    figures: dict[str, float | int] = {"threads": torch.get_num_threads()}
+    figures: dict[str, float | int] = {}
     for label, key, batch_prompts, new_tokens in cases:
         rates = {}
         for side, run in sides.items():

@@ -2,8 +2,9 @@
 
 A process registers memory as a Region and hands its picklable RegionDescriptor to peers; a peer
 attaches it as a RemoteRegion and moves bytes between its own Region and the remote one without the
-owner taking part, as with RDMA. Ops run on one worker thread per traffic class, so a queued kv op
-never holds up a model op of the same process (a memcpy backend runs unshaped ops in the caller); on
+owner taking part, as with RDMA. Ops run on one worker thread per traffic class and direction, so a
+queued kv op never holds up a model op of the same process, and reads never wait behind writes (a NIC
+is full duplex; a memcpy backend runs unshaped ops in the caller); on
 an emulated link (`link_bps`) they go chunk by chunk through the node's PriorityLink.
 Implementations supply only the byte movement.
 """
@@ -152,7 +153,11 @@ class Transport(ABC):
             if config.link_bps is not None
             else None
         )
-        self._workers = {cls: ThreadPoolExecutor(1, thread_name_prefix=f"transfer-{cls}") for cls in CLASSES}
+        self._workers = {
+            (cls, direction): ThreadPoolExecutor(1, thread_name_prefix=f"transfer-{cls}-{direction}")
+            for cls in CLASSES
+            for direction in ("read", "write")
+        }
 
     @abstractmethod
     def allocate(self, name: str, nbytes: int) -> Region:
@@ -217,7 +222,7 @@ class Transport(ABC):
             return Completion(what)
         deadline = time.monotonic() + self.config.timeout_s
         cancel = threading.Event()
-        future = self._workers[cls].submit(self._run, direction, ops, cls, deadline, cancel)
+        future = self._workers[cls, direction].submit(self._run, direction, ops, cls, deadline, cancel)
         return Completion(what, future, cancel, deadline)
 
     def _run(
