@@ -19,21 +19,24 @@ from dualpath_sdk.model.spec import ModelSpec
 
 
 class _Layer:
-    """One decoder layer's weights, with q/k/v and gate/up fused into single matmuls."""
+    """One decoder layer's weights. Projections stay separate: fusing q/k/v or gate/up into one
+    matmul measured slower with CPU BLAS here (odd shapes, strided halves), see bench engine."""
 
     def __init__(self, spec: ModelSpec, w: Mapping[str, torch.Tensor], prefix: str) -> None:
         attn = f"{prefix}.self_attn"
         self.input_norm = w[f"{prefix}.input_layernorm.weight"]
         self.post_norm = w[f"{prefix}.post_attention_layernorm.weight"]
-        self.qkv = torch.cat([w[f"{attn}.{p}_proj.weight"] for p in "qkv"]).contiguous()
-        self.qkv_bias = (
-            torch.cat([w[f"{attn}.{p}_proj.bias"] for p in "qkv"]).contiguous() if spec.qkv_bias else None
-        )
+        self.q, self.k, self.v = (w[f"{attn}.{p}_proj.weight"] for p in "qkv")
+        bias: dict[str, torch.Tensor | None] = {
+            p: w[f"{attn}.{p}_proj.bias"] if spec.qkv_bias else None for p in "qkv"
+        }
+        self.q_bias, self.k_bias, self.v_bias = bias["q"], bias["k"], bias["v"]
         self.q_norm = w[f"{attn}.q_norm.weight"] if spec.qk_norm else None
         self.k_norm = w[f"{attn}.k_norm.weight"] if spec.qk_norm else None
         self.o_proj = w[f"{attn}.o_proj.weight"]
         mlp = f"{prefix}.mlp"
-        self.gate_up = torch.cat([w[f"{mlp}.gate_proj.weight"], w[f"{mlp}.up_proj.weight"]]).contiguous()
+        self.gate = w[f"{mlp}.gate_proj.weight"]
+        self.up = w[f"{mlp}.up_proj.weight"]
         self.down = w[f"{mlp}.down_proj.weight"]
 
 
@@ -48,7 +51,6 @@ class Transformer:
         self.norm = weights["model.norm.weight"]
         self.lm_head = self.embed_tokens if spec.tie_word_embeddings else weights["lm_head.weight"]
         self._q_size = spec.num_heads * spec.head_dim
-        self._kv_size = spec.num_kv_heads * spec.head_dim
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """`[T]` token ids -> `[T, hidden]`."""
@@ -60,11 +62,9 @@ class Transformer:
         """Run decoder layer `index` on `[T, hidden]`, writing the new K/V into `kv` (that layer's KV)."""
         spec, w = self.spec, self.layers[index]
         x = _rms_norm(hidden, w.input_norm, spec.rms_norm_eps)
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
-        q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
-        q = q.view(-1, spec.num_heads, spec.head_dim)
-        k = k.view(-1, spec.num_kv_heads, spec.head_dim)
-        v = v.view(-1, spec.num_kv_heads, spec.head_dim)
+        q = F.linear(x, w.q, w.q_bias).view(-1, spec.num_heads, spec.head_dim)
+        k = F.linear(x, w.k, w.k_bias).view(-1, spec.num_kv_heads, spec.head_dim)
+        v = F.linear(x, w.v, w.v_bias).view(-1, spec.num_kv_heads, spec.head_dim)
         if w.q_norm is not None and w.k_norm is not None:
             q = _rms_norm(q, w.q_norm, spec.rms_norm_eps)
             k = _rms_norm(k, w.k_norm, spec.rms_norm_eps)
@@ -72,8 +72,7 @@ class Transformer:
         out = attention(q, k, v, kv, batch, spec.sliding_window[index])
         hidden = hidden + F.linear(out.reshape(-1, self._q_size), w.o_proj)
         x = _rms_norm(hidden, w.post_norm, spec.rms_norm_eps)
-        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, w.down)
+        return hidden + F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[N, hidden]` -> `[N, vocab]` in fp32 (sampling wants fp32 whatever the KV dtype)."""
