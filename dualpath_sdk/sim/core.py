@@ -67,7 +67,7 @@ class Job:
 
     __slots__ = ("arg", "fn", "left")
 
-    def __init__(self, fn: Callable[[Any], None], arg: Any) -> None:
+    def __init__(self, fn: Callable[[Any], object], arg: Any) -> None:
         self.fn = fn
         self.arg = arg
         self.left = 1  # a guard part released by `start`, so parts ending early cannot fire it
