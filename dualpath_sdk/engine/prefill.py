@@ -78,7 +78,7 @@ def prefill_layerwise(
     shape = (sum(blocks), *layout.layer_block_shape)
 
     def load(layer: int) -> torch.Tensor:
-        kv = torch.empty(shape, dtype=layout.dtype) if layer_memory is None else layer_memory(layer, shape[0])
+        kv = torch.zeros(shape, dtype=layout.dtype) if layer_memory is None else layer_memory(layer, shape[0])
         for job, base in zip(jobs, bases, strict=True):
             if job.num_cached:
                 job.load_layer(layer, kv[base : base + job.num_cached // bs])

@@ -28,8 +28,8 @@ class KVPool:
     def __init__(self, layout: KVLayout, num_blocks: int) -> None:
         self.layout = layout
         self.num_blocks = num_blocks
-        # never read before written (attention only gathers written slots), so left uninitialised
-        self.kv = torch.empty((layout.num_layers, num_blocks, *layout.layer_block_shape), dtype=layout.dtype)
+        # zeroed: attention reads whole blocks and masks the unwritten tail, which must not be NaN
+        self.kv = torch.zeros((layout.num_layers, num_blocks, *layout.layer_block_shape), dtype=layout.dtype)
         self._refs = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: OrderedDict[int, None] = OrderedDict()  # refcount 0 but keyed: reusable

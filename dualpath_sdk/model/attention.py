@@ -1,7 +1,9 @@
 """Attention over a paged KV tensor for a ragged batch (prefill chunks and decode steps mixed).
 
 The batch metadata is built once per forward and shared by every layer: where each new token's
-K/V goes (slot mapping), which slots each sequence attends to (gather), and the causal mask.
+K/V goes (slot mapping), which blocks each sequence attends to (block tables), and the mask.
+Keys past a sequence's length (the unused tail of its last block, padding blocks) are masked out;
+they must still be finite numbers (0 x NaN is NaN), which is why KV memory starts zeroed.
 On CPU this runs torch SDPA; `attention` is the seam where a flashinfer paged kernel plugs in on CUDA.
 """
 
@@ -27,39 +29,42 @@ class SeqSlice:
 class AttentionBatch:
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] flat slot of each new token in a layer's KV
-    gather: torch.Tensor  # [B, L] flat slots each sequence attends to (padded)
+    block_tables: (
+        torch.Tensor
+    )  # [B, max blocks] each sequence's blocks (padded): attention gathers whole blocks
     q_index: torch.Tensor | None  # [T] row in the padded [B * Qmax] query layout; None when B == 1
     starts: torch.Tensor  # [B]
     q_lens: torch.Tensor  # [B]
     kv_lens: torch.Tensor  # [B]
     max_q: int
+    block_size: int
     cos: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     sin: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, seqs: Sequence[SeqSlice], block_size: int) -> AttentionBatch:
-        slots, gathers, positions, q_index = [], [], [], []
+        slots, tables, positions, q_index = [], [], [], []
         max_q = max(s.new for s in seqs)
-        max_kv = max(s.start + s.new for s in seqs)
+        max_blocks = max(-(-(s.start + s.new) // block_size) for s in seqs)
         for b, s in enumerate(seqs):
-            table = torch.as_tensor(list(s.block_table), dtype=torch.long)
-            pos = torch.arange(s.start + s.new)
-            flat = table[pos // block_size] * block_size + pos % block_size
-            slots.append(flat[s.start :])
-            # pad with the sequence's own first slot: written, so masked-out padding is never NaN garbage
-            gathers.append(F.pad(flat, (0, max_kv - flat.numel()), value=int(flat[0])))
-            positions.append(pos[s.start :])
+            used = -(-(s.start + s.new) // block_size)
+            table = torch.as_tensor(list(s.block_table[:used]), dtype=torch.long)
+            pos = torch.arange(s.start, s.start + s.new)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+            tables.append(F.pad(table, (0, max_blocks - used), value=int(table[0])))  # padding: masked out
+            positions.append(pos)
             q_index.append(torch.arange(s.new) + b * max_q)
         return cls(
             positions=torch.cat(positions),
             slot_mapping=torch.cat(slots),
-            gather=torch.stack(gathers),
+            block_tables=torch.stack(tables),
             q_index=torch.cat(q_index) if len(seqs) > 1 else None,
             starts=torch.tensor([s.start for s in seqs]),
             q_lens=torch.tensor([s.new for s in seqs]),
             kv_lens=torch.tensor([s.start + s.new for s in seqs]),
             max_q=max_q,
+            block_size=block_size,
         )
 
     def mask(self, window: int | None) -> torch.Tensor | None:
@@ -69,12 +74,10 @@ class AttentionBatch:
         return self._masks[window]
 
     def _build_mask(self, window: int | None) -> torch.Tensor | None:
-        batch, max_kv = self.gather.shape
-        if window is None or window >= max_kv:
-            if batch == 1 and int(self.starts[0]) == 0:
-                return None  # one sequence from position 0: plain causal
-            if self.max_q == 1 and bool((self.kv_lens == max_kv).all()):
-                return None  # decode steps of equal lengths: every key is visible
+        batch, max_blocks = self.block_tables.shape
+        max_kv = max_blocks * self.block_size
+        if (window is None or window >= max_kv) and batch == 1 and int(self.starts[0]) == 0:
+            return None  # one sequence from position 0: plain causal (keys past the prompt stay unseen)
         q_pos = self.starts[:, None] + torch.arange(self.max_q)[None, :]  # [B, Qmax]
         k_pos = torch.arange(max_kv)
         allowed = k_pos[None, None, :] <= q_pos[:, :, None]
@@ -97,10 +100,13 @@ def attention(
     num_heads, head_dim = q.shape[1], q.shape[2]
     slots = kv.view(-1, *kv.shape[2:])  # [num_blocks * block_size, 2, kv_heads, D]
     slots[batch.slot_mapping] = torch.stack([k, v], dim=1)
-    context = slots[batch.gather]  # [B, L, 2, kv_heads, D]
+    n_seq, max_blocks = batch.block_tables.shape
+    # whole blocks, with index_select: one memcpy per block (advanced indexing copies ~7x slower)
+    context = kv.index_select(0, batch.block_tables.flatten()).view(
+        n_seq, max_blocks * kv.shape[1], *kv.shape[2:]
+    )
     keys = context[:, :, 0].transpose(1, 2)
     values = context[:, :, 1].transpose(1, 2)
-    n_seq = batch.gather.shape[0]
     if batch.q_index is None:
         queries = q.unsqueeze(0)
     else:
