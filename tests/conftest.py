@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DynamicCache,
     LlamaConfig,
     MistralConfig,
     PreTrainedModel,
@@ -67,6 +68,18 @@ def _pair(path: Path, config_factory) -> Pair:  # type: ignore[no-untyped-def]
     ref = AutoModelForCausalLM.from_config(config_factory(), attn_implementation="sdpa").eval()
     ref.save_pretrained(path)
     return Pair(load_model(path), ref, path)
+
+
+def hf_greedy(pair: Pair, prompt: list[int], n: int = 32) -> list[int]:
+    """The reference: greedy decoding with transformers' own forward and KV cache, end-of-sequence ignored."""
+    out: list[int] = []
+    ids, cache = torch.tensor([prompt]), DynamicCache(config=pair.ref.config)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = pair.ref(ids, cache=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
 
 
 @pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))

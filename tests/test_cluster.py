@@ -14,28 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from dualpath_sdk.api.cluster import Cluster
 from dualpath_sdk.api.session import Session
 from dualpath_sdk.config import ClusterConfig, EngineConfig, StoreConfig, TransferConfig
 from dualpath_sdk.errors import EngineUnavailable, InvalidInput, SessionBusy
-from tests.conftest import Pair
+from tests.conftest import Pair, hf_greedy
 
 BLOCK = 16
 TURN_TOKENS = 37  # not a multiple of the block size: partial tail blocks every turn
 NEW_TOKENS = 12
-
-
-def _greedy(pair: Pair, prompt: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    ids, cache = torch.tensor([prompt]), DynamicCache(config=pair.ref.config)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = pair.ref(ids, cache=cache, use_cache=True).logits
-            out.append(int(logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
 
 
 def _turn(seed: int) -> list[int]:
@@ -85,7 +73,7 @@ def test_five_turns_are_exact_over_each_read_path(
         new = _turn(base + turn)
         result = session.step_tokens(new, max_tokens=NEW_TOKENS, ignore_eos=True, read_plan=plan)
         prompt = before + new
-        assert result.token_ids == _greedy(tiny_llama, prompt, NEW_TOKENS), f"turn {turn}"
+        assert result.token_ids == hf_greedy(tiny_llama, prompt, NEW_TOKENS), f"turn {turn}"
         assert session.token_ids == prompt + result.token_ids
         if turn == 0:
             assert result.load.plan == "none"
@@ -130,7 +118,7 @@ def test_a_corrupted_block_costs_a_recompute_not_a_wrong_token(cluster: Cluster,
     before = session.token_ids
     result = session.step_tokens(_turn(22), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="pe")
     assert result.usage.cached_tokens == BLOCK  # only the block before the corrupt one was reused
-    assert result.token_ids == _greedy(tiny_llama, before + _turn(22), NEW_TOKENS)
+    assert result.token_ids == hf_greedy(tiny_llama, before + _turn(22), NEW_TOKENS)
 
 
 def test_bad_input_changes_nothing(cluster: Cluster) -> None:
@@ -180,12 +168,12 @@ def test_a_killed_engine_retries_or_fails_cleanly_and_the_session_resumes(
         assert session.token_ids == before  # a failed step leaves the session as it was
         assert cluster.session(session_id=session.id).token_ids == before
     else:
-        assert result.token_ids == _greedy(tiny_llama, before + _turn(51), 400)
+        assert result.token_ids == hf_greedy(tiny_llama, before + _turn(51), 400)
     killer.join()
     resumed = cluster.session(session_id=session.id)
     prompt = resumed.token_ids + _turn(52)
     again = resumed.step_tokens(_turn(52), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="pe")
-    assert again.token_ids == _greedy(tiny_llama, prompt, NEW_TOKENS)
+    assert again.token_ids == hf_greedy(tiny_llama, prompt, NEW_TOKENS)
 
 
 def test_a_session_resumes_from_persisted_kv_after_a_restart(tiny_llama: Pair, tmp_path: Path) -> None:
@@ -199,4 +187,4 @@ def test_a_session_resumes_from_persisted_kv_after_a_restart(tiny_llama: Pair, t
         assert resumed.token_ids == tokens
         result = resumed.step_tokens(_turn(62), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="de")
         assert result.usage.cached_tokens == len(tokens) // BLOCK * BLOCK
-        assert result.token_ids == _greedy(tiny_llama, tokens + _turn(62), NEW_TOKENS)
+        assert result.token_ids == hf_greedy(tiny_llama, tokens + _turn(62), NEW_TOKENS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from dualpath_sdk.config import EngineConfig
 from dualpath_sdk.engine.core import EngineCore
@@ -11,7 +10,7 @@ from dualpath_sdk.engine.sequence import FullBlockPrefix, SamplingParams
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.model.attention import AttentionBatch, SeqSlice
 from dualpath_sdk.model.chat import encode_chat
-from tests.conftest import Pair
+from tests.conftest import Pair, hf_greedy
 
 GREEDY_32 = SamplingParams(max_tokens=32, ignore_eos=True)
 BLOCK = 16
@@ -24,18 +23,6 @@ def _engine(pair: Pair, **overrides: int) -> EngineCore:
 def _prompt(pair: Pair, n: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, pair.ours.spec.vocab_size, (n,), generator=g).tolist()
-
-
-def _hf_greedy(pair: Pair, prompt: list[int], n: int = 32) -> list[int]:
-    """Greedy decoding with transformers' own forward and KV cache, end-of-sequence ignored."""
-    out: list[int] = []
-    ids, cache = torch.tensor([prompt]), DynamicCache(config=pair.ref.config)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = pair.ref(ids, cache=cache, use_cache=True).logits
-            out.append(int(logits[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
-    return out
 
 
 def _our_logits(pair: Pair, prompt: list[int]) -> torch.Tensor:
@@ -65,7 +52,7 @@ def test_prefill_logits_match_transformers(tiny: Pair) -> None:
 def test_greedy_continuation_is_identical_however_the_prefix_kv_got_there(tiny: Pair) -> None:
     turn1 = _prompt(tiny, 100, seed=1)
     prompt = turn1 + _prompt(tiny, 40, seed=2)
-    expected = _hf_greedy(tiny, prompt)
+    expected = hf_greedy(tiny, prompt)
 
     # (i) recomputed from scratch
     assert _engine(tiny).generate([prompt], GREEDY_32)[0].output_ids == expected
@@ -119,7 +106,7 @@ def test_batched_decode_equals_each_sequence_alone(tiny: Pair) -> None:
     together = _engine(tiny).generate(prompts, params)
     alone = [_engine(tiny).generate([p], params)[0] for p in prompts]
     assert [c.output_ids for c in together] == [c.output_ids for c in alone]
-    assert together[1].output_ids == _hf_greedy(tiny, prompts[1], 24)
+    assert together[1].output_ids == hf_greedy(tiny, prompts[1], 24)
 
 
 def test_corrupted_import_changes_the_output(tiny_llama: Pair) -> None:
@@ -154,7 +141,7 @@ def test_default_model_matches_transformers(default_pair: Pair) -> None:
         add_special_tokens=False,
     )
     prompt = turn1 + first.output_ids + follow
-    expected = _hf_greedy(default_pair, prompt)
+    expected = hf_greedy(default_pair, prompt)
     reused = engine.generate([prompt], GREEDY_32)[0]
     assert reused.cached_tokens >= BLOCK
     assert reused.output_ids == expected

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import BlockKey
+from dualpath_sdk.store.index import BlockIndex
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,14 @@ class Counters:
 
 
 class BlockStore(ABC):
-    """A persistent store of Full Blocks keyed by block key, with pins, a capacity and LRU eviction."""
+    """A persistent store of Full Blocks keyed by block key, with pins, a capacity and LRU eviction.
+
+    Pins, recency and sizes live in a BlockIndex (shared by the node's processes) whatever the
+    backend; a backend stores and deletes the bytes.
+    """
+
+    index: BlockIndex
+    capacity_bytes: int | None
 
     def __init__(self, read_threads: int) -> None:
         self.counters = Counters()
@@ -70,22 +78,31 @@ class BlockStore(ABC):
     def contains(self, key: BlockKey) -> bool:
         """Whether `key` is stored (a later read may still miss if it is evicted or corrupt)."""
 
-    @abstractmethod
     def pin(self, owner: str, keys: Sequence[BlockKey], ttl_s: float) -> int:
         """Protect `keys` from eviction for `ttl_s` on behalf of `owner` (a session); pinning again extends
         it. Returns how many of the keys are stored and now pinned."""
+        return self.index.pin(owner, keys, ttl_s)
 
-    @abstractmethod
     def unpin(self, owner: str, keys: Sequence[BlockKey] | None = None) -> None:
         """Drop `owner`'s pins on `keys` (all of them when None)."""
+        self.index.unpin(owner, keys)
 
-    @abstractmethod
     def evict_to_capacity(self) -> int:
         """Evict unpinned blocks, least recently used first, until under capacity; returns how many."""
+        if self.capacity_bytes is None:
+            return 0
+        victims = self.index.take_victims(self.capacity_bytes)
+        self._delete(victims)
+        return len(victims)
 
     @abstractmethod
+    def _delete(self, keys: Sequence[BlockKey]) -> None:
+        """Remove the stored bytes of `keys` (the index has already let go of them)."""
+
     def _totals(self) -> tuple[int, int, int]:
-        """(blocks, stored bytes, pinned blocks) as the backend sees them."""
+        """(blocks, stored bytes, pinned blocks)."""
+        t = self.index.totals()
+        return t.blocks, t.nbytes, t.pinned_blocks
 
     def read_many(self, items: Sequence[tuple[BlockKey, FullBlock]]) -> list[bool]:
         """Read many blocks in parallel, each into its own buffer; one bool per item."""

@@ -212,27 +212,10 @@ class FsStore(BlockStore):
     def contains(self, key: BlockKey) -> bool:
         return self.path_of(key).exists()
 
-    def pin(self, owner: str, keys: Sequence[BlockKey], ttl_s: float) -> int:
-        return self.index.pin(owner, keys, ttl_s)
-
-    def unpin(self, owner: str, keys: Sequence[BlockKey] | None = None) -> None:
-        self.index.unpin(owner, keys)
-
-    def evict_to_capacity(self) -> int:
-        if self.capacity_bytes is None:
-            return 0
-        victims = self.index.take_victims(self.capacity_bytes)
-        self._delete(victims)
-        return len(victims)
-
     def _delete(self, keys: Sequence[BlockKey]) -> None:
         for key in keys:
             self.path_of(key).unlink(missing_ok=True)
         self.counters.add(evicted=len(keys))
-
-    def _totals(self) -> tuple[int, int, int]:
-        t = self.index.totals()
-        return t.blocks, t.nbytes, t.pinned_blocks
 
     def _recover(self, fresh_index: bool) -> None:
         """Remove temp files of dead writers on this host; re-index the blocks if the index was lost."""

@@ -171,27 +171,10 @@ class MooncakeStore(BlockStore):
         found = self._client.batch_is_exist([self._name(k) for k in keys]) if keys else []
         return next((i for i, rc in enumerate(found) if rc != 1), len(keys))
 
-    def pin(self, owner: str, keys: Sequence[BlockKey], ttl_s: float) -> int:
-        return self.index.pin(owner, keys, ttl_s)
-
-    def unpin(self, owner: str, keys: Sequence[BlockKey] | None = None) -> None:
-        self.index.unpin(owner, keys)
-
-    def evict_to_capacity(self) -> int:
-        if self.capacity_bytes is None:
-            return 0
-        victims = self.index.take_victims(self.capacity_bytes)
-        self._delete(victims)
-        return len(victims)
-
     def _delete(self, keys: Sequence[BlockKey]) -> None:
         if keys:
             self._client.batch_remove([self._name(k) for k in keys], True)
         self.counters.add(evicted=len(keys))
-
-    def _totals(self) -> tuple[int, int, int]:
-        t = self.index.totals()
-        return t.blocks, t.nbytes, t.pinned_blocks
 
     def close(self) -> None:
         super().close()
