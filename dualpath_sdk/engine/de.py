@@ -9,6 +9,7 @@ are freed), and each Full Block of generated tokens is persisted as it fills.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -74,6 +75,7 @@ class DecodeWorker:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="de-persist")
         self.requests: dict[str, _Request] = {}
         self._reading = 0  # tokens of reads in flight: this node's read queue
+        self._reading_lock = threading.Lock()
 
     # ---- load figures ------------------------------------------------------------------------
 
@@ -100,14 +102,16 @@ class DecodeWorker:
             self.send(Admitted(task.req_id, offsets, 0, 0.0))
             return
         tokens = len(task.reads) * self.layout.block_size
-        self._reading += tokens
+        with self._reading_lock:
+            self._reading += tokens
         started = time.perf_counter()
 
         def read() -> None:
             try:
                 ok = self.store.read_many([(key, slots[i].block) for i, key in task.reads])
             finally:
-                self._reading -= tokens
+                with self._reading_lock:
+                    self._reading -= tokens
             valid = next((i for i, good in enumerate(ok) if not good), len(ok))
             self.send(Admitted(task.req_id, offsets, valid, time.perf_counter() - started))
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dualpath_sdk.engine.messages import DeSlots, Prefill, Prefilled
+from dualpath_sdk.engine.messages import DeSlots, Failed, Prefill, Prefilled
 from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, prefill_layerwise
 from dualpath_sdk.engine.sampler import sample
 from dualpath_sdk.engine.sequence import Sequence
@@ -113,8 +113,11 @@ class PrefillWorker:
     def ready(self) -> list[_Pending]:
         return [p for p in self.pending.values() if p.de is not None and (p.reads is None or p.reads.done())]
 
-    def run(self, remote_for: Callable[[RegionDescriptor], RemoteRegion]) -> list[Prefilled]:
-        """Prefill the ready requests in one layer-wise batch (FIFO within the token budget)."""
+    def run(self, remote_for: Callable[[RegionDescriptor], RemoteRegion]) -> list[Prefilled | Failed]:
+        """Prefill the ready requests in one layer-wise batch (FIFO within the token budget).
+
+        A batch that fails (its DE vanished mid-transfer, say) fails its requests, not the engine:
+        the cluster retries them elsewhere."""
         batch: list[_Pending] = []
         tokens = blocks = 0
         for p in self.ready():
@@ -129,15 +132,20 @@ class PrefillWorker:
         start = time.perf_counter()
         jobs, byte_counts = [], []
         base = 0
-        for p in batch:
-            job, counts = self._job(p, remote_for, base)
-            jobs.append(job)
-            byte_counts.append(counts)
-            base += -(-len(p.task.token_ids) // self.layout.block_size)
-        logits = prefill_layerwise(self.model.transformer, self.layout, jobs, self.io, self._layer_memory)
-        firsts = sample(logits, [_sampling_seq(p.task) for p in batch])
+        try:
+            for p in batch:
+                job, counts = self._job(p, remote_for, base)
+                jobs.append(job)
+                byte_counts.append(counts)
+                base += -(-len(p.task.token_ids) // self.layout.block_size)
+            logits = prefill_layerwise(self.model.transformer, self.layout, jobs, self.io, self._layer_memory)
+            firsts = sample(logits, [_sampling_seq(p.task) for p in batch])
+        except Exception as exc:
+            for p in batch:
+                self.cancel(p.task.req_id)
+            return [Failed(p.task.req_id, f"prefill failed: {type(exc).__name__}: {exc}") for p in batch]
         prefill_s = time.perf_counter() - start
-        results = []
+        results: list[Prefilled | Failed] = []
         for p, job, token, (bytes_pe, bytes_de) in zip(batch, jobs, firsts, byte_counts, strict=True):
             del self.pending[p.task.req_id]
             self.buffer.release(p.slots)
