@@ -188,3 +188,10 @@ def test_a_session_resumes_from_persisted_kv_after_a_restart(tiny_llama: Pair, t
         result = resumed.step_tokens(_turn(62), max_tokens=NEW_TOKENS, ignore_eos=True, read_plan="de")
         assert result.usage.cached_tokens == len(tokens) // BLOCK * BLOCK
         assert result.token_ids == hf_greedy(tiny_llama, tokens + _turn(62), NEW_TOKENS)
+
+
+def test_a_bad_cluster_configuration_is_invalid_input_before_anything_starts(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="prefill_nodes"):
+        Cluster.local(prefill_nodes=0, storage=tmp_path)
+    with pytest.raises(InvalidInput, match="no_such_knob"):
+        Cluster.local(storage=tmp_path, no_such_knob=1)

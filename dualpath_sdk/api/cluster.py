@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from dualpath_sdk.api.session import Session
 from dualpath_sdk.cluster.controller import StepRequest
 from dualpath_sdk.cluster.launcher import LocalLauncher
-from dualpath_sdk.config import ClusterConfig, EngineConfig, StoreConfig
+from dualpath_sdk.config import ClusterConfig, StoreConfig
 from dualpath_sdk.errors import DualPathError, InvalidInput
 from dualpath_sdk.kv.keys import BlockKey, namespace_key
 from dualpath_sdk.model.loader import default_model_dir, resolve_model_dir
@@ -55,17 +56,18 @@ class Cluster:
         **overrides: Any,
     ) -> Cluster:
         """An embedded cluster on this machine: one engine process per node."""
-        store = StoreConfig(root=Path(storage)) if storage is not None else StoreConfig()
-        return cls(
-            ClusterConfig(
+        try:
+            store = StoreConfig(root=Path(storage)) if storage is not None else StoreConfig()
+            config = ClusterConfig(
                 model=None if model is None else str(model),
                 prefill_nodes=prefill_nodes,
                 decode_nodes=decode_nodes,
                 store=store,
-                engine=overrides.pop("engine", EngineConfig()),
                 **overrides,
             )
-        )
+        except ValidationError as exc:
+            raise InvalidInput(f"bad cluster configuration: {exc}") from None
+        return cls(config)
 
     def session(
         self,

@@ -134,7 +134,9 @@ class DecodeWorker:
         if reason is not None:
             self._finish(request, reason)
             return
-        params = replace(task.params, max_tokens=task.params.max_tokens - 1)
+        # the PE drew the first token from this seed's stream: continue from a different one
+        seed = None if task.params.seed is None else task.params.seed + 1
+        params = replace(task.params, max_tokens=task.params.max_tokens - 1, seed=seed)
         request.seq = self.core.add(
             task.token_ids, params, tenant=task.tenant, prefix=_SlotPrefix(request.slots, prompt_len)
         )
