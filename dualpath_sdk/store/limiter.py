@@ -29,6 +29,21 @@ _SIZE = 2 * _BUCKET.size
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+def open_node_state(path: Path, size: int, init: Callable[[mmap.mmap], None]) -> tuple[int, mmap.mmap]:
+    """Open (creating) a state file that every process of a node maps, and run `init` on it under
+    the file's lock. The emulated NICs (this limiter, transfer's PriorityLink) keep their buckets here."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        state = mmap.mmap(fd, size)
+        init(state)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    return fd, state
+
+
 class StorageNicLimiter:
     """A per-node token bucket shared by every process that opens the same `node` name.
 
@@ -56,20 +71,15 @@ class StorageNicLimiter:
         self.clock = clock
         self.sleep = sleep
         self.path = directory / f"dualpath-snic-{node}"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_size < _SIZE:
-                os.ftruncate(fd, _SIZE)
-            self._map = mmap.mmap(fd, _SIZE)
+
+        def set_rates(state: mmap.mmap) -> None:
             # Every engine of a node has the same configuration: the latest opener sets the rates and
             # keeps the bucket's tokens, so a late opener does not forgive the others' debt.
             for offset, rate in ((_READ, read_bps), (_WRITE, write_bps)):
-                _, tokens, last = _BUCKET.unpack_from(self._map, offset)
-                _BUCKET.pack_into(self._map, offset, rate or 0.0, tokens, last)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        self._fd = fd
+                _, tokens, last = _BUCKET.unpack_from(state, offset)
+                _BUCKET.pack_into(state, offset, rate or 0.0, tokens, last)
+
+        self._fd, self._map = open_node_state(self.path, _SIZE, set_rates)
 
     def acquire_read(self, nbytes: int) -> float:
         """Block until `nbytes` of read bandwidth is granted; returns the seconds waited."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from dualpath_sdk.errors import InvalidInput, TransferError
+from dualpath_sdk.store.limiter import open_node_state
 
 TrafficClass = Literal["model", "kv"]
 Direction = Literal["write", "read"]
@@ -62,19 +63,14 @@ class PriorityLink:
         self.clock = clock
         self.sleep = sleep
         self.path = directory / f"dualpath-link-{node}"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_size < _SIZE:
-                os.ftruncate(fd, _SIZE)
-            self._map = mmap.mmap(fd, _SIZE)
+
+        def set_rate(state: mmap.mmap) -> None:
             # As in the limiter: the latest opener sets the rate, and the bucket keeps its debt.
             for offset in _OFFSET.values():
-                _, tokens, last, hold = _LINK.unpack_from(self._map, offset)
-                _LINK.pack_into(self._map, offset, rate_bps, tokens, last, hold)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        self._fd = fd
+                _, tokens, last, hold = _LINK.unpack_from(state, offset)
+                _LINK.pack_into(state, offset, rate_bps, tokens, last, hold)
+
+        self._fd, self._map = open_node_state(self.path, _SIZE, set_rate)
 
     def acquire(
         self, cls: TrafficClass, direction: Direction, nbytes: int, deadline: float = math.inf
