@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.queues import Queue
@@ -194,6 +195,31 @@ def test_write_then_read_between_two_processes(transport: Transport, peer: Peer)
     transport.read(mine, 0, remote, 4 * MiB, 4 * MiB).wait()  # the peer's pattern half
     assert torch.equal(mine.tensor[: 4 * MiB], _pattern(4 * MiB))
     mine.close()
+
+
+def test_reads_and_writes_to_one_peer_may_run_on_two_threads_at_once(
+    transport: Transport, peer: Peer
+) -> None:
+    """A PE loads layer k+1 and sends layer k-1 to the same DE region at the same time."""
+    mine = transport.allocate("two-threads", 2 * MiB)
+    remote = transport.attach(peer.descriptor)
+    errors: list[Exception] = []
+
+    def hammer(write: bool) -> None:
+        move = transport.write if write else transport.read
+        try:
+            for i in range(1500):
+                move(mine, (i % 16) * 4096 + (MiB if write else 0), remote, (i % 16) * 4096, 4096).wait()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(write,)) for write in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    mine.close()
+    assert not errors, errors[0]
 
 
 def test_batched_layer_block_writes_land_at_their_offsets(transport: Transport, peer: Peer) -> None:

@@ -17,6 +17,7 @@ import mmap
 import os
 import secrets
 import select
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -100,13 +101,18 @@ class LocalRemoteRegion(RemoteRegion):
         except ProcessLookupError:
             self._pidfd = -1
         self._exit = select.poll()
+        self._exit_lock = (
+            threading.Lock()
+        )  # a poll object refuses concurrent poll() (reads and writes run apart)
         if self._pidfd >= 0:
             self._exit.register(self._pidfd, select.POLLIN)
 
     def check_alive(self) -> None:
         """Two syscalls, cheap enough for every move: a pidfd poll and an fstat."""
         d = self.descriptor
-        if self._pidfd < 0 or self._exit.poll(0):
+        with self._exit_lock:
+            exited = self._pidfd < 0 or bool(self._exit.poll(0))
+        if exited:
             raise TransferError(f"the owner (pid {d.owner_pid}) of region {d.name!r} is gone")
         if self._mapping.unlinked():
             raise TransferError(f"region {d.name!r} was closed by its owner")
