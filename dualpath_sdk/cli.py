@@ -32,17 +32,7 @@ def demo(
     console.print("[bold]Starting the embedded cluster[/] (1 prefill + 1 decode engine process)...")
     with Cluster.local(model=model, storage=storage) as cluster:
         session = cluster.session(system="You are a concise assistant for software engineers.")
-        table = Table(
-            "turn",
-            "read plan",
-            "prompt",
-            "cached",
-            "generated",
-            "KV via PE",
-            "KV via DE",
-            "TTFT ms",
-            "TPOT ms",
-        )
+        table = Table("turn", "plan", "prompt", "cached", "gen", "via PE", "via DE", "TTFT ms", "TPOT ms")
         for turn, (text, plan) in enumerate(turns, start=1):
             result = session.step(text, max_tokens=max_tokens, read_plan=plan)
             console.print(f"[bold cyan]user:[/] {text}\n[bold green]assistant:[/] {result.text}\n")
