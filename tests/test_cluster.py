@@ -195,3 +195,33 @@ def test_a_bad_cluster_configuration_is_invalid_input_before_anything_starts(tmp
         Cluster.local(prefill_nodes=0, storage=tmp_path)
     with pytest.raises(InvalidInput, match="no_such_knob"):
         Cluster.local(storage=tmp_path, no_such_knob=1)
+
+
+def test_sixteen_sessions_stepping_at_once_all_finish_exact(cluster: Cluster, tiny_llama: Pair) -> None:
+    plans = ["pe", "de", "split"]
+    results: dict[int, list[tuple[list[int], list[int]]]] = {}
+    errors: list[BaseException] = []
+
+    def agent(i: int) -> None:
+        try:
+            session = cluster.session()
+            turns = []
+            for turn in range(3):
+                new = _turn(1000 + 10 * i + turn)
+                prompt = session.token_ids + new
+                out = session.step_tokens(new, max_tokens=6, ignore_eos=True, read_plan=plans[(i + turn) % 3])
+                turns.append((prompt, out.token_ids))
+            results[i] = turns
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors, errors[0]
+    assert len(results) == 16
+    for turns in results.values():
+        for prompt, output in turns:
+            assert output == hf_greedy(tiny_llama, prompt, 6)

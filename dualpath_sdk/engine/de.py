@@ -31,6 +31,12 @@ from dualpath_sdk.transfer import Transport
 Send = Callable[[object], None]
 
 
+def _copy(block: FullBlock) -> FullBlock:
+    out = FullBlock.empty(block.layout)
+    out.raw.copy_(block.raw)
+    return out
+
+
 class _SlotPrefix:
     """A prompt's KV in DE buffer slots, as the CachedPrefix the engine core imports layer by layer."""
 
@@ -124,7 +130,8 @@ class DecodeWorker:
             self.core.root_key(task.tenant), task.token_ids[:prompt_len], self.layout.block_size
         )
         request.persisted = len(keys) - task.stored_blocks
-        blocks = [request.slots[i].block for i in range(task.stored_blocks, len(keys))]
+        # copies: the slots go back to the buffer (and to other requests' PEs) before the writes finish
+        blocks = [_copy(request.slots[i].block) for i in range(task.stored_blocks, len(keys))]
         parents = [keys[i - 1] if i else None for i in range(task.stored_blocks, len(keys))]
         if blocks:
             request.writes.append(
