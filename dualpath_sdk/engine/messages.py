@@ -7,7 +7,7 @@ it moves between host buffers over the transport.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from dualpath_sdk.engine.sequence import SamplingParams
@@ -85,7 +85,6 @@ class Prefill:
     pe_reads: list[tuple[int, bytes]]  # (block index, key) the PE reads into its own buffer
     de_reads: list[int]  # block indices the DE reads into the DE buffer
     params: SamplingParams
-    layerwise: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,4 +136,3 @@ class Finished:
 class Failed:
     req_id: str
     error: str
-    retryable: bool = field(default=True)
