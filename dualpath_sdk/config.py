@@ -104,6 +104,11 @@ class ClusterConfig(_Config):
     model: str | None = Field(default=None, description="HF directory or .gguf file; None: the default model")
     prefill_nodes: int = Field(default=1, ge=1)
     decode_nodes: int = Field(default=1, ge=1)
+    mode: Literal["dualpath", "basic", "oracle"] = Field(
+        default="dualpath",
+        description="basic: PE-only reads, no layer-wise overlap, round-robin PEs (the paper's baseline); "
+        "oracle: reads and KV transfers skipped (the I/O-free ceiling; its text is meaningless)",
+    )
     read_plan: Literal["auto", "pe", "de", "split"] = Field(
         default="auto", description="the read side of every step; auto: the node with the shorter read queue"
     )

@@ -225,3 +225,32 @@ def test_sixteen_sessions_stepping_at_once_all_finish_exact(cluster: Cluster, ti
     for turns in results.values():
         for prompt, output in turns:
             assert output == hf_greedy(tiny_llama, prompt, 6)
+
+
+@pytest.mark.parametrize("mode", ["basic", "oracle"])
+def test_basic_mode_is_exact_and_oracle_skips_every_read(tiny_llama: Pair, tmp_path: Path, mode: str) -> None:
+    config = ClusterConfig(
+        model=str(tiny_llama.path),
+        mode=mode,
+        engine=EngineConfig(block_size=BLOCK, num_blocks=128),
+        store=StoreConfig(root=tmp_path),
+        buffer_slots=32,
+    )
+    with Cluster(config) as running:
+        session = running.session()
+        for turn in range(3):
+            before = session.token_ids
+            new = _turn(400 + turn)
+            result = session.step_tokens(new, max_tokens=NEW_TOKENS, ignore_eos=True)
+            assert result.usage.cached_tokens == len(before) // BLOCK * BLOCK
+            if mode == "basic":
+                assert result.token_ids == hf_greedy(tiny_llama, before + new, NEW_TOKENS)
+                assert result.load.bytes_de == 0
+                assert (result.load.bytes_pe > 0) == (turn > 0)
+            else:
+                assert result.load.bytes_pe == result.load.bytes_de == 0
+        if mode == "basic":
+            with pytest.raises(InvalidInput, match="PE side only"):
+                session.step_tokens(_turn(410), read_plan="de")
+        else:
+            assert running.store.stats().blocks == 0  # garbage KV never reaches the store

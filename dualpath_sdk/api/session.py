@@ -157,13 +157,18 @@ class Session:
         plan = read_plan or cluster.config.read_plan
         if plan not in ("auto", "pe", "de", "split"):
             raise InvalidInput(f"read_plan must be auto, pe, de or split, not {plan!r}")
+        if cluster.config.mode == "basic" and plan in ("de", "split"):
+            raise InvalidInput("a basic-mode cluster reads on the PE side only")
         if not self._busy.acquire(blocking=False):
             raise SessionBusy(f"session {self.id} is already running a step")
         try:
             bs = cluster.block_size
             root = cluster.root_key(self._manifest.tenant)
             keys = block_keys(root, prompt[: (len(prompt) - 1) // bs * bs], bs)
-            cached = cluster.store.longest_prefix(keys)
+            if cluster.config.mode == "oracle":  # nothing is stored: count the history as cached
+                cached = min(len(keys), len(self._manifest.token_ids) // bs)
+            else:
+                cached = cluster.store.longest_prefix(keys)
             request = StepRequest(prompt, params, self._manifest.tenant, keys[:cached], plan)
             generated: list[int] = []
             outcome: StepOutcome | None = None

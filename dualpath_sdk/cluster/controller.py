@@ -29,6 +29,7 @@ from dualpath_sdk.engine.messages import (
     Fetch,
     Finished,
     Hello,
+    Mode,
     Prefill,
     Prefilled,
     Report,
@@ -96,8 +97,10 @@ class _Step:
 
 
 class Controller:
-    def __init__(self, authkey: bytes, block_size: int) -> None:
+    def __init__(self, authkey: bytes, block_size: int, mode: Mode = "dualpath") -> None:
         self.block_size = block_size
+        self.mode = mode
+        self._pe_turn = itertools.count()
         self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
         self.address: tuple[str, int] = self.listener.address
         self.lock = threading.RLock()
@@ -230,7 +233,10 @@ class Controller:
             request = step.request
             tokens = [*request.token_ids, message.first_token]
             stored = message.num_cached // self.block_size
-            self._send(step.de, Decode(step.req_id, tokens, request.params, request.tenant, stored))
+            decode = Decode(
+                step.req_id, tokens, request.params, request.tenant, stored, self.mode != "oracle"
+            )
+            self._send(step.de, decode)
         elif isinstance(message, Tokens):
             step.events.put(("tokens", message.tokens))
         elif isinstance(message, Finished):
@@ -246,7 +252,10 @@ class Controller:
             des = [e for e in self.engines.values() if e.alive and e.hello.role == "de"]
             if not pes or not des:
                 return
-            pe = min(pes, key=lambda e: e.report.tokens if e.report else 0)
+            if self.mode == "basic":  # the paper's baseline schedules round-robin
+                pe = pes[next(self._pe_turn) % len(pes)]
+            else:
+                pe = min(pes, key=lambda e: e.report.tokens if e.report else 0)
             de = des[next(self._de_turn) % len(des)]
             step = self.queue.popleft()
             step.pe, step.de, step.dispatched = pe.hello.engine_id, de.hello.engine_id, time.perf_counter()
@@ -265,6 +274,7 @@ class Controller:
                     keys[:split],
                     list(range(split, cached)),
                     step.request.params,
+                    self.mode,
                 ),
             )
 
@@ -272,6 +282,8 @@ class Controller:
         """The read side: forced, or the node with the shorter read queue (the paper's rule)."""
         if not step.request.keys:
             return "none"
+        if self.mode != "dualpath":
+            return "pe"  # basic reads on the PE side only; oracle skips the reads it is given
         if step.request.plan != "auto":
             return step.request.plan
         pe_q = pe.report.read_q if pe.report else 0

@@ -21,7 +21,7 @@ class LocalLauncher:
     def __init__(self, config: ClusterConfig, model_path: str | None) -> None:
         self.config = config
         self._authkey = secrets.token_bytes(32)
-        self.controller = Controller(self._authkey, config.engine.block_size)
+        self.controller = Controller(self._authkey, config.engine.block_size, config.mode)
         self._ctx = multiprocessing.get_context("spawn")
         self.specs = [self._spec(f"pe{i}", "pe", model_path) for i in range(config.prefill_nodes)]
         self.specs += [self._spec(f"de{i}", "de", model_path) for i in range(config.decode_nodes)]

@@ -56,6 +56,7 @@ class _Request:
     persisted: int = 0  # Full Blocks of this request written to the store
     next_block: int = 0  # the first block of the sequence not yet persisted
     writes: list[Future[None]] = field(default_factory=list)
+    persist: bool = True
 
 
 class DecodeWorker:
@@ -129,11 +130,12 @@ class DecodeWorker:
         keys = block_keys(
             self.core.root_key(task.tenant), task.token_ids[:prompt_len], self.layout.block_size
         )
-        request.persisted = len(keys) - task.stored_blocks
+        request.persisted = len(keys) - task.stored_blocks if task.persist else 0
         # copies: the slots go back to the buffer (and to other requests' PEs) before the writes finish
         blocks = [_copy(request.slots[i].block) for i in range(task.stored_blocks, len(keys))]
         parents = [keys[i - 1] if i else None for i in range(task.stored_blocks, len(keys))]
-        if blocks:
+        request.persist = task.persist
+        if blocks and task.persist:
             request.writes.append(
                 self.writer.submit(self._put_all, keys[task.stored_blocks :], parents, blocks)
             )
@@ -183,7 +185,7 @@ class DecodeWorker:
         seq = request.seq
         assert seq is not None
         new = range(request.next_block, len(seq.keys))
-        if not new:
+        if not new or not request.persist:
             return
         blocks = [self.core.pool.export_block(seq.block_table[i], FullBlock.empty(self.layout)) for i in new]
         parents = [seq.keys[i - 1] if i else None for i in new]

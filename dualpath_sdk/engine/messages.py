@@ -14,6 +14,7 @@ from dualpath_sdk.engine.sequence import SamplingParams
 from dualpath_sdk.transfer import RegionDescriptor
 
 Role = Literal["pe", "de"]
+Mode = Literal["dualpath", "basic", "oracle"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Decode:
     params: SamplingParams
     tenant: str
     stored_blocks: int  # leading prompt blocks already in the store
+    persist: bool = True  # oracle: its KV is garbage and must never reach the store
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Prefill:
     pe_reads: list[tuple[int, bytes]]  # (block index, key) the PE reads into its own buffer
     de_reads: list[int]  # block indices the DE reads into the DE buffer
     params: SamplingParams
+    mode: Mode = "dualpath"  # basic: no layer-wise overlap; oracle: no reads, no transfers (KV is garbage)
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,15 @@ def prefill_layerwise(
     jobs: Sequence[PrefillJob],
     io: LayerIO,
     layer_memory: Callable[[int, int], torch.Tensor] | None = None,
+    overlap: bool = True,
 ) -> torch.Tensor:
     """Prefill `jobs` together; returns the last position's fp32 logits, `[len(jobs), vocab]`.
 
     Layer k+1's loads run while layer k computes and layer k-1's sends go out (loads and sends on
     their own threads: different links). Sends are complete when this returns. `layer_memory(layer,
     blocks)` gives a layer's working KV: a ring of IN_FLIGHT_LAYERS views suffices, because the load
-    into a ring slot first waits for the send that last used it.
+    into a ring slot first waits for the send that last used it. `overlap=False` is the paper's
+    Basic: each layer's load, compute and send in turn, nothing hidden.
     """
     bs = layout.block_size
     blocks = [-(-len(job.token_ids) // bs) for job in jobs]
@@ -94,6 +96,13 @@ def prefill_layerwise(
         if layer >= IN_FLIGHT_LAYERS:
             sends[layer - IN_FLIGHT_LAYERS].result()  # the ring slot's last user has left
         return load(layer)
+
+    if not overlap:
+        for layer in range(layout.num_layers):
+            kv = load(layer)
+            hidden = model.layer(layer, hidden, batch, kv)
+            send(layer, kv)
+        return model.logits(hidden[torch.tensor([job.num_new for job in jobs]).cumsum(0) - 1])
 
     pending: Future[torch.Tensor] = io.loads.submit(load, 0)
     for layer in range(layout.num_layers):
