@@ -24,7 +24,7 @@ from dualpath_sdk.config import TransferConfig
 from dualpath_sdk.engine.core import kv_layout
 from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, prefill_layerwise
 from dualpath_sdk.model.loader import load_model
-from dualpath_sdk.transfer import TransferOp, open_transport
+from dualpath_sdk.transfer import RemoteRegion, TransferOp, open_transport
 
 Figures = dict[str, float | bool]
 
@@ -69,34 +69,26 @@ def overlap_section(quick: bool) -> Figures:
         def offset(view: torch.Tensor) -> int:
             return view.data_ptr() - work.tensor.data_ptr()
 
-        def load(layer: int, kv: torch.Tensor) -> None:
+        def ops(layer: int, kv: torch.Tensor, peer: RemoteRegion, blocks: range) -> list[TransferOp]:
+            """Layer `layer` of `blocks`: working memory <-> the Full Block slots of `peer`."""
             base = offset(kv)
-            ops = [
+            return [
                 TransferOp(
                     work,
                     base + i * layer_bytes,
-                    remote,
+                    peer,
                     i * layout.full_block_nbytes + layer * layer_bytes,
                     layer_bytes,
                 )
-                for i in range(n_cached)
+                for i in blocks
             ]
-            transport.read_batch(ops).wait()
+
+        def load(layer: int, kv: torch.Tensor) -> None:
+            transport.read_batch(ops(layer, kv, remote, range(n_cached))).wait()
 
         def sender(first_block: int) -> Callable[[int, torch.Tensor], None]:
             def send(layer: int, kv: torch.Tensor) -> None:
-                base = offset(kv)
-                ops = [
-                    TransferOp(
-                        work,
-                        base + i * layer_bytes,
-                        de_remote,
-                        i * layout.full_block_nbytes + layer * layer_bytes,
-                        layer_bytes,
-                    )
-                    for i in range(first_block, n_blocks)
-                ]
-                transport.write_batch(ops).wait()
+                transport.write_batch(ops(layer, kv, de_remote, range(first_block, n_blocks))).wait()
 
             return send
 
