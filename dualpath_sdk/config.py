@@ -110,8 +110,11 @@ class ClusterConfig(_Config):
         "oracle: reads and KV transfers skipped (the I/O-free ceiling; its text is meaningless)",
     )
     read_plan: Literal["auto", "pe", "de", "split"] = Field(
-        default="auto", description="the read side of every step; auto: the node with the shorter read queue"
+        default="auto",
+        description="the read side of every step; auto: the scheduler's (the shorter read queue, or "
+        "split in proportion to both queues' drain when scheduler.split_reads)",
     )
+    scheduler: SchedulerConfig = SchedulerConfig()
     engine: EngineConfig = EngineConfig()
     store: StoreConfig = Field(default_factory=StoreConfig)
     transfer: TransferConfig = TransferConfig()

@@ -17,7 +17,7 @@ import torch
 
 from dualpath_sdk.api.cluster import Cluster
 from dualpath_sdk.api.session import Session
-from dualpath_sdk.config import ClusterConfig, EngineConfig, StoreConfig, TransferConfig
+from dualpath_sdk.config import ClusterConfig, EngineConfig, SchedulerConfig, StoreConfig, TransferConfig
 from dualpath_sdk.errors import EngineUnavailable, InvalidInput, SessionBusy
 from tests.conftest import Pair, hf_greedy
 
@@ -254,3 +254,34 @@ def test_basic_mode_is_exact_and_oracle_skips_every_read(tiny_llama: Pair, tmp_p
                 session.step_tokens(_turn(410), read_plan="de")
         else:
             assert running.store.stats().blocks == 0  # garbage KV never reaches the store
+
+
+def _auto_turns(session: Session, pair: Pair, seed: int) -> list[str]:
+    plans = []
+    for turn in range(3):
+        before, new = session.token_ids, _turn(seed + turn)
+        result = session.step_tokens(new, max_tokens=NEW_TOKENS, ignore_eos=True)
+        assert result.token_ids == hf_greedy(pair, before + new, NEW_TOKENS), f"turn {turn}"
+        if result.load.plan == "split":
+            assert result.load.bytes_pe > 0 and result.load.bytes_de > 0
+        plans.append(result.load.plan)
+    return plans
+
+
+def test_an_idle_cluster_splits_reads_by_default(cluster: Cluster, tiny_llama: Pair) -> None:
+    """Both read queues empty and equally fast: the scheduler halves each read between the sides."""
+    assert cluster.config.scheduler.split_reads and cluster.config.read_plan == "auto"
+    assert _auto_turns(cluster.session(), tiny_llama, 500) == ["none", "split", "split"]
+
+
+def test_without_split_reads_the_paper_rule_picks_one_side(tiny_llama: Pair, tmp_path: Path) -> None:
+    """The paper's rule on equal read queues: the PE side (ties go to the PE)."""
+    config = ClusterConfig(
+        model=str(tiny_llama.path),
+        scheduler=SchedulerConfig(split_reads=False),
+        engine=EngineConfig(block_size=BLOCK, num_blocks=128),
+        store=StoreConfig(root=tmp_path),
+        buffer_slots=32,
+    )
+    with Cluster(config) as running:
+        assert _auto_turns(running.session(), tiny_llama, 510) == ["none", "pe", "pe"]

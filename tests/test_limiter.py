@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dualpath_sdk.errors import InvalidInput
-from dualpath_sdk.store.limiter import StorageNicLimiter
+from dualpath_sdk.store.limiter import StorageNicLimiter, granted_bytes
 
 
 class FakeTime:
@@ -66,6 +66,27 @@ def test_two_openers_of_one_node_share_the_bucket(tmp_path: Path) -> None:
     assert a.acquire_read(1000) == pytest.approx(1.0)
     t.now -= 1.0  # as if b asked at the same instant: it queues behind a's bytes
     assert b.acquire_read(1000) == pytest.approx(2.0)
+
+
+def test_granted_bytes_count_once_the_wait_is_over(tmp_path: Path) -> None:
+    """Monitors see bytes when the cap lets them through (capped reads) or at once (uncapped writes)."""
+    t = FakeTime()
+    seen: list[tuple[float, float]] = []
+    lim = StorageNicLimiter(
+        "n0",
+        1000.0,
+        None,
+        burst_s=0.0,
+        directory=tmp_path,
+        clock=t.clock,
+        sleep=lambda s: (seen.append(granted_bytes("n0", tmp_path)), t.sleep(s)),
+    )
+    assert granted_bytes("n0", tmp_path) == (0.0, 0.0)
+    lim.acquire_read(500)
+    lim.acquire_write(300)
+    assert seen == [(0.0, 0.0)]  # while the read waited it was not counted yet
+    assert granted_bytes("n0", tmp_path) == (500.0, 300.0) == lim.granted()
+    assert granted_bytes("other", tmp_path) == (0.0, 0.0)
 
 
 def test_rejects_bad_names_and_rates(tmp_path: Path) -> None:

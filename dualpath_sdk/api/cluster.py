@@ -19,6 +19,7 @@ from dualpath_sdk.kv.keys import BlockKey, namespace_key
 from dualpath_sdk.model.loader import default_model_dir, resolve_model_dir
 from dualpath_sdk.model.spec import ModelSpec
 from dualpath_sdk.store import BlockStore, open_store
+from dualpath_sdk.store.limiter import granted_bytes
 from dualpath_sdk.store.manifest import ManifestStore
 
 STEP_TIMEOUT_S = 600.0
@@ -116,6 +117,10 @@ class Cluster:
         if self.tokenizer is None:
             return ""
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def storage_nic_bytes(self) -> dict[str, tuple[float, float]]:
+        """Bytes each node's storage NIC has read and written so far: {node: (read, written)}."""
+        return {node: granted_bytes(node) for node in self._launcher.nodes}
 
     def kill_engine(self, engine_id: str) -> int:
         """SIGKILL one engine process ("pe0", "de0", ...); the cluster retries and respawns it."""

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, Listener
 from typing import Literal
 
+from dualpath_sdk.config import ClusterConfig
 from dualpath_sdk.engine.messages import (
     Admit,
     Admitted,
@@ -37,8 +39,19 @@ from dualpath_sdk.engine.messages import (
 )
 from dualpath_sdk.engine.sequence import SamplingParams
 from dualpath_sdk.errors import EngineUnavailable
+from dualpath_sdk.scheduler import (
+    NO_READ,
+    EngineReport,
+    PlanKind,
+    ReadPlan,
+    Request,
+    Scheduler,
+    Thresholds,
+    derive_thresholds,
+    pe_only,
+    split_read,
+)
 
-PlanKind = Literal["none", "pe", "de", "split"]
 PlanChoice = Literal["auto", "pe", "de", "split"]
 MAX_ATTEMPTS = 2
 
@@ -97,10 +110,11 @@ class _Step:
 
 
 class Controller:
-    def __init__(self, authkey: bytes, block_size: int, mode: Mode = "dualpath") -> None:
-        self.block_size = block_size
-        self.mode = mode
-        self._pe_turn = itertools.count()
+    def __init__(self, authkey: bytes, config: ClusterConfig) -> None:
+        self.config = config
+        self.block_size = config.engine.block_size
+        self.mode: Mode = config.mode
+        self.scheduler: Scheduler | None = None  # made when the first PE has profiled itself
         self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
         self.address: tuple[str, int] = self.listener.address
         self.lock = threading.RLock()
@@ -109,7 +123,6 @@ class Controller:
         self.queue: deque[_Step] = deque()
         self.steps: dict[str, _Step] = {}
         self._ids = itertools.count()
-        self._de_turn = itertools.count()
         self._closed = False
         threading.Thread(target=self._accept, name="controller-accept", daemon=True).start()
 
@@ -186,6 +199,10 @@ class Controller:
         engine_id = hello.engine_id
         with self.lock:
             self.engines[engine_id] = _Engine(hello, conn)
+            if self.scheduler is None and hello.attention is not None:
+                self.scheduler = Scheduler(
+                    self.config.scheduler, Thresholds(math.inf, math.inf), hello.attention, self.mode
+                )
             self.engine_ready.notify_all()
             self._dispatch()  # steps may be waiting for this engine (a respawned DE, say)
         while True:
@@ -209,6 +226,7 @@ class Controller:
     def _on_message(self, engine: _Engine, message: object) -> None:
         if isinstance(message, Report):
             engine.report = message
+            self._dispatch()  # a step waiting for beta or DE memory may fit now
             return
         if isinstance(message, Fetch):
             engine.report = message.report
@@ -246,25 +264,35 @@ class Controller:
             self._retry_or_fail(step, message.error)
 
     def _dispatch(self) -> None:
-        """Hand queued steps to fetching PEs (global FIFO), choosing the DE and the read plan."""
-        while self.queue:
-            pes = [e for e in self.engines.values() if e.alive and e.fetching and e.hello.role == "pe"]
-            des = [e for e in self.engines.values() if e.alive and e.hello.role == "de"]
+        """Hand queued steps to fetching PEs in global FIFO order, through the paper's scheduler:
+        PE choice, then the DE group and the DE in it, then the read plan. A step the scheduler
+        cannot place (every fetching PE over beta, no DE memory) waits for the next report."""
+        while self.queue and self.scheduler is not None:
+            pes = [e for e in self._alive("pe") if e.fetching]
+            des = [e for e in self._alive("de") if e.report is not None]
             if not pes or not des:
                 return
-            if self.mode == "basic":  # the paper's baseline schedules round-robin
-                pe = pes[next(self._pe_turn) % len(pes)]
-            else:
-                pe = min(pes, key=lambda e: e.report.tokens if e.report else 0)
-            de = des[next(self._de_turn) % len(des)]
-            step = self.queue.popleft()
+            self.scheduler.thresholds = self._thresholds()
+            step = self.queue[0]
+            request = self._request(step)
+            placed = self.scheduler.choose_pe([request], [self._report(e) for e in pes])
+            if not placed:
+                return
+            pe = self.engines[str(placed[0].engine_id)]
+            de = self._choose_de(request, des)
+            if de is None:
+                return
+            self.queue.popleft()
             step.pe, step.de, step.dispatched = pe.hello.engine_id, de.hello.engine_id, time.perf_counter()
-            step.plan = self._plan(step, pe, de)
-            cached = len(step.request.keys)
-            split = {"none": 0, "pe": cached, "de": 0, "split": (cached + 1) // 2}[step.plan]
+            plan = self._plan(step, pe, de)
+            step.plan = plan.kind
+            bs = self.block_size
+            self._charge(pe, request.tokens, plan.pe_blocks * bs, 0)
+            self._charge(de, request.tokens, plan.de_blocks * bs, request.de_memory_tokens)
             keys = list(enumerate(step.request.keys))
+            split = plan.pe_blocks
             pe.fetching = False
-            self._send(de.hello.engine_id, Admit(step.req_id, len(step.request.token_ids), keys[split:]))
+            self._send(de.hello.engine_id, Admit(step.req_id, request.tokens, keys[split:]))
             self._send(
                 pe.hello.engine_id,
                 Prefill(
@@ -272,23 +300,91 @@ class Controller:
                     step.request.token_ids,
                     de.hello.engine_id,
                     keys[:split],
-                    list(range(split, cached)),
+                    list(range(split, len(keys))),
                     step.request.params,
                     self.mode,
                 ),
             )
 
-    def _plan(self, step: _Step, pe: _Engine, de: _Engine) -> PlanKind:
-        """The read side: forced, or the node with the shorter read queue (the paper's rule)."""
-        if not step.request.keys:
-            return "none"
-        if self.mode != "dualpath":
-            return "pe"  # basic reads on the PE side only; oracle skips the reads it is given
-        if step.request.plan != "auto":
-            return step.request.plan
-        pe_q = pe.report.read_q if pe.report else 0
-        de_q = de.report.read_q if de.report else 0
-        return "pe" if pe_q <= de_q else "de"
+    def _choose_de(self, request: Request, des: list[_Engine]) -> _Engine | None:
+        """The DE group (node) with the fewest tokens, then the DE inside it (memory, Z slack)."""
+        assert self.scheduler is not None
+        groups: dict[str, list[_Engine]] = {}
+        for e in des:
+            groups.setdefault(e.hello.node, []).append(e)
+        group_tok = {node: sum(self._report(e).tok_e for e in group) for node, group in groups.items()}
+        [(_, node)] = self.scheduler.choose_de_group([request], group_tok)
+        group = groups[node]
+        placed = self.scheduler.choose_de([request], [self._report(e) for e in group])
+        if placed:
+            return self.engines[str(placed[0].engine_id)]
+        if all(self._report(e).seq_e == 0 for e in group):
+            return group[0]  # bigger than an idle DE's memory: let the DE refuse it (ContextTooLong)
+        return None
+
+    def _plan(self, step: _Step, pe: _Engine, de: _Engine) -> ReadPlan:
+        """The read side: forced per step, or the scheduler's (shorter queue, or split by drain rate)."""
+        assert self.scheduler is not None
+        cached = len(step.request.keys)
+        forced = step.request.plan
+        if self.mode != "dualpath" or forced == "pe":
+            return pe_only(cached)  # basic reads on the PE side only; oracle skips the reads it is given
+        if forced == "de":
+            return ReadPlan("de", 0, cached) if cached else NO_READ
+        # every node's SNIC has the configured rate, so the split depends on the queues alone
+        args = (cached, self.block_size, self._node_read_q(pe), self._node_read_q(de), 1.0, 1.0)
+        if forced == "auto":
+            return self.scheduler.plan_read(*args)
+        plan = split_read(*args)
+        if plan.kind != "split" and cached >= 2:  # forced: both sides read, whatever the queues say
+            plan = ReadPlan("split", cached // 2, cached - cached // 2)
+        return plan
+
+    # ---- what the scheduler sees ----------------------------------------------------------------
+
+    def _alive(self, role: str) -> list[_Engine]:
+        return [e for e in self.engines.values() if e.alive and e.hello.role == role]
+
+    def _request(self, step: _Step) -> Request:
+        r = step.request
+        return Request(step.req_id, len(r.token_ids), len(r.keys) * self.block_size, r.params.max_tokens)
+
+    def _report(self, engine: _Engine) -> EngineReport:
+        r = engine.report or Report(engine.hello.engine_id, 0, 0, 0)
+        h = engine.hello
+        read_q = self._node_read_q(engine)
+        return EngineReport(h.engine_id, h.node, h.role, r.seq, r.tokens, read_q, r.free_tokens)
+
+    def _node_read_q(self, engine: _Engine) -> int:
+        """Engines of one node share its storage NIC, so its read queue is theirs together."""
+        node = engine.hello.node
+        same = [e for e in self.engines.values() if e.alive and e.hello.node == node]
+        return sum(e.report.read_q for e in same if e.report is not None)
+
+    def _charge(self, engine: _Engine, tokens: int, reads: int, memory: int) -> None:
+        """Count a placement in the engine's figures until its next report says it itself."""
+        r = engine.report or Report(engine.hello.engine_id, 0, 0, 0)
+        engine.report = replace(
+            r,
+            seq=r.seq + 1,
+            tokens=r.tokens + tokens,
+            read_q=r.read_q + reads,
+            free_tokens=r.free_tokens - memory,
+        )
+
+    def _snic_tps(self) -> float:
+        """Tokens/s one storage NIC reads: the configured cap, else the fastest rate measured so far."""
+        per_token = next(iter(self.engines.values())).hello.kv_bytes_per_token
+        if self.config.store.snic_read_bps is not None:
+            return self.config.store.snic_read_bps / per_token
+        measured = [e.report.read_tps for e in self.engines.values() if e.report and e.report.read_tps > 0]
+        return max(measured, default=math.inf)
+
+    def _thresholds(self) -> Thresholds:
+        """alpha and beta from the measured storage rate and the PEs' profiled prefill rates."""
+        rates = [e.hello.prefill_tps for e in self._alive("pe") if e.hello.prefill_tps > 0]
+        prefill = sum(rates) / len(rates) if rates else math.inf
+        return derive_thresholds(self.config.scheduler, self._snic_tps(), prefill)
 
     def _retry_or_fail(self, step: _Step, why: str) -> None:
         self._cancel_on_engines(step)

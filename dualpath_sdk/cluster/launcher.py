@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from dualpath_sdk.cluster.controller import Controller
 from dualpath_sdk.config import ClusterConfig
@@ -21,7 +22,9 @@ class LocalLauncher:
     def __init__(self, config: ClusterConfig, model_path: str | None) -> None:
         self.config = config
         self._authkey = secrets.token_bytes(32)
-        self.controller = Controller(self._authkey, config.engine.block_size, config.mode)
+        # node names key the nodes' shared NIC state (/dev/shm): another cluster must not share it
+        self.tag = secrets.token_hex(4)
+        self.controller = Controller(self._authkey, config)
         self._ctx = multiprocessing.get_context("spawn")
         self.specs = [self._spec(f"pe{i}", "pe", model_path) for i in range(config.prefill_nodes)]
         self.specs += [self._spec(f"de{i}", "de", model_path) for i in range(config.decode_nodes)]
@@ -51,7 +54,7 @@ class LocalLauncher:
 
     def _spec(self, engine_id: str, role: Role, model_path: str | None) -> EngineSpec:
         c = self.config
-        node = f"{role}-node{engine_id[2:]}"
+        node = f"{self.tag}-{role}-node{engine_id[2:]}"
         return EngineSpec(
             engine_id,
             role,
@@ -62,6 +65,7 @@ class LocalLauncher:
             c.transfer,
             c.buffer_slots,
             c.threads_per_engine,
+            c.scheduler.compute_quota_s,
         )
 
     def _start(self, spec: EngineSpec) -> None:
@@ -100,6 +104,10 @@ class LocalLauncher:
         assert process.pid is not None
         return process.pid
 
+    @property
+    def nodes(self) -> list[str]:
+        return sorted({spec.node for spec in self.specs})
+
     def close(self) -> None:
         self._closing.set()
         self.controller.close()
@@ -108,3 +116,7 @@ class LocalLauncher:
             if process.is_alive():
                 process.kill()
                 process.join(5)
+        for directory in {Path("/dev/shm"), self.config.transfer.shm_dir}:
+            for node in self.nodes:  # the nodes' emulated NIC state (storage limiter, link)
+                for path in directory.glob(f"dualpath-*-{node}"):
+                    path.unlink(missing_ok=True)

@@ -9,7 +9,6 @@ are freed), and each Full Block of generated tokens is persisted as it fills.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +19,7 @@ import torch
 from dualpath_sdk.config import EngineConfig
 from dualpath_sdk.engine.core import EngineCore
 from dualpath_sdk.engine.messages import Admit, Admitted, Decode, Finished, Tokens
+from dualpath_sdk.engine.read_queue import ReadQueue
 from dualpath_sdk.engine.sequence import Sequence, Status
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import block_keys
@@ -51,6 +51,7 @@ class _SlotPrefix:
 @dataclass
 class _Request:
     req_id: str
+    prompt_len: int
     slots: list[BufferSlot]
     seq: Sequence | None = None
     persisted: int = 0  # Full Blocks of this request written to the store
@@ -81,8 +82,7 @@ class DecodeWorker:
         self.readers = ThreadPoolExecutor(2, thread_name_prefix="de-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="de-persist")
         self.requests: dict[str, _Request] = {}
-        self._reading = 0  # tokens of reads in flight: this node's read queue
-        self._reading_lock = threading.Lock()
+        self.reads = ReadQueue()
 
     # ---- load figures ------------------------------------------------------------------------
 
@@ -92,33 +92,38 @@ class DecodeWorker:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(r.seq.token_ids) for r in self.requests.values() if r.seq is not None)
+        return sum(r.prompt_len if r.seq is None else len(r.seq.token_ids) for r in self.requests.values())
 
     @property
-    def read_queue_tokens(self) -> int:
-        return self._reading
+    def free_tokens(self) -> int:
+        """KV memory a new request can still get: pool blocks not held or awaited, and buffer slots."""
+        bs = self.layout.block_size
+        awaited = sum(
+            -(-r.prompt_len // bs)
+            for r in self.requests.values()
+            if r.seq is None or r.seq.status == Status.WAITING
+        )
+        return max(min(self.core.pool.num_free - awaited, self.buffer.free), 0) * bs
 
     # ---- tasks ---------------------------------------------------------------------------------
 
     def admit(self, task: Admit) -> None:
         """Reserve the prompt's slots and read the DE's share of its cached blocks into them."""
         slots = self.buffer.acquire(-(-task.prompt_len // self.layout.block_size), timeout=60.0)
-        self.requests[task.req_id] = _Request(task.req_id, slots)
+        self.requests[task.req_id] = _Request(task.req_id, task.prompt_len, slots)
         offsets = [slot.offset for slot in slots]
         if not task.reads:
             self.send(Admitted(task.req_id, offsets, 0, 0.0))
             return
         tokens = len(task.reads) * self.layout.block_size
-        with self._reading_lock:
-            self._reading += tokens
         started = time.perf_counter()
+        self.reads.add(tokens)
 
         def read() -> None:
             try:
                 ok = self.store.read_many([(key, slots[i].block) for i, key in task.reads])
             finally:
-                with self._reading_lock:
-                    self._reading -= tokens
+                self.reads.remove(tokens)
             valid = next((i for i, good in enumerate(ok) if not good), len(ok))
             self.send(Admitted(task.req_id, offsets, valid, time.perf_counter() - started))
 

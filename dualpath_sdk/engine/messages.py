@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dualpath_sdk.engine.sequence import SamplingParams
+from dualpath_sdk.scheduler import AttentionModel
 from dualpath_sdk.transfer import RegionDescriptor
 
 Role = Literal["pe", "de"]
@@ -26,16 +27,22 @@ class Hello:
     fingerprint: str  # the model's: part of every block key's namespace
     kv_dtype: str
     buffer: RegionDescriptor | None  # the DE buffer's region (DE only): PEs attach to it
+    kv_bytes_per_token: int
+    prefill_tps: float = 0.0  # PE: prompt tokens (len(r)) per second, profiled at start (beta)
+    attention: AttentionModel | None = None  # PE: its fitted attention-time model
 
 
 @dataclass(frozen=True)
 class Report:
-    """The paper's figures: unfinished requests, their tokens, the node's storage read queue."""
+    """The paper's figures: unfinished requests, their tokens, the node's storage read queue; and
+    the KV memory a DE can still hand out and the tokens/s its node's storage reads drained at."""
 
     engine_id: str
     seq: int
     tokens: int
     read_q: int
+    free_tokens: int = 0
+    read_tps: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,12 @@ import torch
 
 from dualpath_sdk.engine.messages import DeSlots, Failed, Prefill, Prefilled
 from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, prefill_layerwise
+from dualpath_sdk.engine.read_queue import ReadQueue
 from dualpath_sdk.engine.sampler import sample
 from dualpath_sdk.engine.sequence import Sequence
 from dualpath_sdk.kv.block import KVLayout
 from dualpath_sdk.model.loader import Model
+from dualpath_sdk.scheduler import AttentionModel, PrefillWork, fit_attention_model, pack_quota
 from dualpath_sdk.store.backend import BlockStore
 from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
 from dualpath_sdk.transfer import Region, RegionDescriptor, RemoteRegion, TransferOp, Transport
@@ -49,6 +51,7 @@ class PrefillWorker:
         transport: Transport,
         buffer_slots: int,
         max_batch_tokens: int,
+        compute_quota_s: float,
     ) -> None:
         self.model = model
         self.layout = layout
@@ -56,6 +59,7 @@ class PrefillWorker:
         self.transport = transport
         bs = layout.block_size
         self.max_batch_tokens = max_batch_tokens
+        self.compute_quota_s = compute_quota_s
         self.buffer_region = transport.allocate(
             f"{engine_id}-pe-buffer", HostBufferPool.region_bytes(layout, buffer_slots)
         )
@@ -68,7 +72,8 @@ class PrefillWorker:
         self.readers = ThreadPoolExecutor(2, thread_name_prefix="pe-read")
         self.io = LayerIO()
         self.pending: dict[str, _Pending] = {}
-        self._remotes: dict[str, RemoteRegion] = {}
+        self.reads = ReadQueue()
+        self.attention, self.prefill_tps = self._profile()
 
     # ---- load figures -----------------------------------------------------------------------
 
@@ -80,10 +85,24 @@ class PrefillWorker:
     def num_tokens(self) -> int:
         return sum(len(p.task.token_ids) for p in self.pending.values())
 
-    @property
-    def read_queue_tokens(self) -> int:
+    def _profile(self) -> tuple[AttentionModel, float]:
+        """Time a few synthetic prefills (as the paper profiles its engines before serving).
+
+        Returns the fitted time model of a batch's prefill (the compute quota packs by it) and the
+        prompt tokens per second of a typical agent turn, 8 blocks cached and 1 new (beta counts
+        len(r), so its rate must too). The KV these prefills see is garbage; nothing leaves the PE.
+        """
         bs = self.layout.block_size
-        return sum(len(p.task.pe_reads) * bs for p in self.pending.values() if p.reads and not p.reads.done())
+        c = max(min(8, self.max_blocks - 2), 1)  # blocks: the work region bounds a batch
+        n = max(min(2, self.max_blocks - c), 1)
+        samples = []
+        for cached, new in ((0, bs), (0, n * bs), (c * bs, bs), (c * bs, n * bs)):
+            job = PrefillJob([0] * (cached + new), cached, _nothing, _nothing)
+            start = time.perf_counter()
+            prefill_layerwise(self.model.transformer, self.layout, [job], self.io, self._layer_memory)
+            samples.append((cached, new, time.perf_counter() - start))
+        _, _, typical_s = samples[2]
+        return fit_attention_model(samples), (c + 1) * bs / typical_s
 
     # ---- tasks ------------------------------------------------------------------------------
 
@@ -94,11 +113,16 @@ class PrefillWorker:
         pending = self.pending[task.req_id] = _Pending(task, slots, None)
         if reading:
             items = [(key, slot.block) for (_, key), slot in zip(task.pe_reads, slots, strict=True)]
+            tokens = len(items) * self.layout.block_size
             started = time.perf_counter()
+            self.reads.add(tokens)
             pending.reads = self.readers.submit(self.store.read_many, items)
-            pending.reads.add_done_callback(
-                lambda _: setattr(pending, "read_s", time.perf_counter() - started)
-            )
+
+            def done(_: Future[list[bool]]) -> None:
+                pending.read_s = time.perf_counter() - started
+                self.reads.remove(tokens)
+
+            pending.reads.add_done_callback(done)
 
     def de_ready(self, slots: DeSlots) -> None:
         if slots.req_id in self.pending:
@@ -115,19 +139,11 @@ class PrefillWorker:
         return [p for p in self.pending.values() if p.de is not None and (p.reads is None or p.reads.done())]
 
     def run(self, remote_for: Callable[[RegionDescriptor], RemoteRegion]) -> list[Prefilled | Failed]:
-        """Prefill the ready requests in one layer-wise batch (FIFO within the token budget).
+        """Prefill the ready requests in one layer-wise batch, and report each request's first token.
 
         A batch that fails (its DE vanished mid-transfer, say) fails its requests, not the engine:
         the cluster retries them elsewhere."""
-        batch: list[_Pending] = []
-        tokens = blocks = 0
-        for p in self.ready():
-            n = len(p.task.token_ids)
-            nb = -(-n // self.layout.block_size)
-            if batch and (tokens + n > self.max_batch_tokens or blocks + nb > self.max_blocks):
-                break
-            batch.append(p)
-            tokens, blocks = tokens + n, blocks + nb
+        batch = self._batch(self.ready())
         if not batch:
             return []
         start = time.perf_counter()
@@ -157,6 +173,30 @@ class PrefillWorker:
                 Prefilled(p.task.req_id, token, job.num_cached, p.read_s, prefill_s, bytes_pe, bytes_de)
             )
         return results
+
+    def _batch(self, ready: list[_Pending]) -> list[_Pending]:
+        """FIFO up to the compute quota (PAPER.md, Inside a PE) and the work region's size.
+
+        The request that would cross the quota waits for the next batch, or goes alone if it is
+        first: it is not chunk-prefilled, because its earlier chunks' KV would already be on its DE.
+        """
+        bs = self.layout.block_size
+        work = []
+        for p in ready:
+            cached = (len(p.task.pe_reads) + len(p.task.de_reads)) * bs
+            work.append(PrefillWork(p.task.req_id, cached, len(p.task.token_ids) - cached))
+        chunks = pack_quota(work, self.attention, self.compute_quota_s)
+        whole = sum(c.tokens == w.new for c, w in zip(chunks, work, strict=False))
+        batch: list[_Pending] = []
+        tokens = blocks = 0
+        for p in ready[: max(whole, 1)]:
+            n = len(p.task.token_ids)
+            nb = -(-n // bs)
+            if batch and (tokens + n > self.max_batch_tokens or blocks + nb > self.max_blocks):
+                break
+            batch.append(p)
+            tokens, blocks = tokens + n, blocks + nb
+        return batch
 
     # ---- one request's loads and sends -------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 The loop is nano-vllm's: take messages -> do one unit of work (a DE decode step, a PE prefill
 batch) -> report. A PE pulls work (the paper's pull model): while it has room it keeps one `Fetch`
 outstanding, which the cluster answers with the next request of its global queue as soon as there
-is one. Every engine sends a `Report` heartbeat every HEARTBEAT_S, so the cluster notices a dead
+is one. Every engine sends a `Report` when its figures change and at least every HEARTBEAT_S (a
+heartbeat), so the scheduler decides on fresh figures and the cluster notices a dead
 engine within seconds.
 """
 
@@ -57,6 +58,7 @@ class EngineSpec:
     transfer: TransferConfig
     buffer_slots: int
     threads: int
+    compute_quota_s: float
 
 
 class _Channel:
@@ -81,25 +83,43 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
     if spec.role == "pe":
         layout = kv_layout(model, spec.engine.block_size)
         worker = PrefillWorker(
-            spec.engine_id, model, layout, store, transport, spec.buffer_slots, spec.engine.max_batch_tokens
+            spec.engine_id,
+            model,
+            layout,
+            store,
+            transport,
+            spec.buffer_slots,
+            spec.engine.max_batch_tokens,
+            spec.compute_quota_s,
         )
-        buffer = None
-    else:
-        worker = DecodeWorker(
-            spec.engine_id, model, spec.engine, store, transport, spec.buffer_slots, channel.send
-        )
-        buffer = worker.region.descriptor
-    channel.send(
-        Hello(
+        hello = Hello(
             spec.engine_id,
             spec.role,
             spec.node,
             os.getpid(),
             model.fingerprint,
-            kv_layout(model, 1).dtype_name,
-            buffer,
+            layout.dtype_name,
+            None,
+            layout.bytes_per_token,
+            worker.prefill_tps,
+            worker.attention,
         )
-    )
+    else:
+        worker = DecodeWorker(
+            spec.engine_id, model, spec.engine, store, transport, spec.buffer_slots, channel.send
+        )
+        layout = worker.layout
+        hello = Hello(
+            spec.engine_id,
+            spec.role,
+            spec.node,
+            os.getpid(),
+            model.fingerprint,
+            layout.dtype_name,
+            worker.region.descriptor,
+            layout.bytes_per_token,
+        )
+    channel.send(hello)
     remotes: dict[str, RemoteRegion] = {}
 
     def remote_for(descriptor: RegionDescriptor) -> RemoteRegion:
@@ -108,9 +128,12 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
         return remotes[descriptor.endpoint]
 
     def report() -> Report:
-        return Report(spec.engine_id, worker.num_requests, worker.num_tokens, worker.read_queue_tokens)
+        free = worker.free_tokens if isinstance(worker, DecodeWorker) else 0
+        reads = worker.reads
+        return Report(spec.engine_id, worker.num_requests, worker.num_tokens, reads.tokens, free, reads.rate)
 
     last_beat = 0.0
+    last_report: Report | None = None
     fetching = False
     try:
         while True:
@@ -132,10 +155,10 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
             else:
                 for result in worker.run(remote_for):
                     channel.send(result)
-            now = time.monotonic()
-            if now - last_beat >= HEARTBEAT_S:
-                channel.send(report())
-                last_beat = now
+            now, current = time.monotonic(), report()
+            if current != last_report or now - last_beat >= HEARTBEAT_S:  # the scheduler sees changes at once
+                channel.send(current)
+                last_beat, last_report = now, current
     except (EOFError, OSError):
         return  # the cluster went away
     finally:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from dualpath_sdk.errors import InvalidInput
 
-# Per direction: rate (bytes/s), tokens (bytes, may go negative = debt), last refill time.
-_BUCKET = struct.Struct("<ddd")
+# Per direction: rate (bytes/s), tokens (bytes, may go negative = debt), last refill time, and the
+# bytes granted since the file was made (capped or not: what the node's NIC has moved).
+_BUCKET = struct.Struct("<dddd")
 _READ, _WRITE = 0, _BUCKET.size
 _SIZE = 2 * _BUCKET.size
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -76,8 +77,8 @@ class StorageNicLimiter:
             # Every engine of a node has the same configuration: the latest opener sets the rates and
             # keeps the bucket's tokens, so a late opener does not forgive the others' debt.
             for offset, rate in ((_READ, read_bps), (_WRITE, write_bps)):
-                _, tokens, last = _BUCKET.unpack_from(state, offset)
-                _BUCKET.pack_into(state, offset, rate or 0.0, tokens, last)
+                _, tokens, last, total = _BUCKET.unpack_from(state, offset)
+                _BUCKET.pack_into(state, offset, rate or 0.0, tokens, last, total)
 
         self._fd, self._map = open_node_state(self.path, _SIZE, set_rates)
 
@@ -92,18 +93,32 @@ class StorageNicLimiter:
     def _acquire(self, offset: int, nbytes: int) -> float:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            rate, tokens, last = _BUCKET.unpack_from(self._map, offset)
+            rate, tokens, last, total = _BUCKET.unpack_from(self._map, offset)
             if rate <= 0:
+                _BUCKET.pack_into(self._map, offset, rate, tokens, last, total + nbytes)
                 return 0.0
             now = self.clock()
             tokens = min(rate * self.burst_s, tokens + (now - last) * rate) - nbytes
-            _BUCKET.pack_into(self._map, offset, rate, tokens, now)
+            _BUCKET.pack_into(self._map, offset, rate, tokens, now, total)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         wait = -tokens / rate if tokens < 0 else 0.0
         if wait > 0:
             self.sleep(wait)
+        self._count(offset, nbytes)  # once granted: monitors see the rate the cap lets through
         return wait
+
+    def _count(self, offset: int, nbytes: int) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            rate, tokens, last, total = _BUCKET.unpack_from(self._map, offset)
+            _BUCKET.pack_into(self._map, offset, rate, tokens, last, total + nbytes)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def granted(self) -> tuple[float, float]:
+        """Bytes read and written through this node's NIC so far, by every process of the node."""
+        return granted_bytes(self.node, self.path.parent)
 
     def close(self) -> None:
         self._map.close()
@@ -114,3 +129,17 @@ class StorageNicLimiter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def granted_bytes(node: str, directory: Path = Path("/dev/shm")) -> tuple[float, float]:
+    """Bytes read and written through `node`'s storage NIC so far (0, 0 before any engine opened it).
+
+    Reads the shared state without taking part in it: monitors sample it while engines run."""
+    path = directory / f"dualpath-snic-{node}"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0.0, 0.0
+    if len(data) < _SIZE:
+        return 0.0, 0.0
+    return _BUCKET.unpack_from(data, _READ)[3], _BUCKET.unpack_from(data, _WRITE)[3]
