@@ -3,9 +3,10 @@
 The loop is nano-vllm's: take messages -> do one unit of work (a DE decode step, a PE prefill
 batch) -> report. A PE pulls work (the paper's pull model): while it has room it keeps one `Fetch`
 outstanding, which the cluster answers with the next request of its global queue as soon as there
-is one. Every engine sends a `Report` when its figures change and at least every HEARTBEAT_S (a
-heartbeat), so the scheduler decides on fresh figures and the cluster notices a dead
-engine within seconds.
+is one. Every engine sends a `Report` when its figures change, so the scheduler decides on fresh
+figures, and a heartbeat thread repeats the latest one every HEARTBEAT_S, also through a long
+prefill batch: the cluster notices an engine that exited within seconds, and a hung one (its loop
+stalled for STALL_S, when the heartbeat stops) soon after.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dualpath_sdk.store import open_store
 from dualpath_sdk.transfer import RegionDescriptor, RemoteRegion, open_transport
 
 HEARTBEAT_S = 0.5
+STALL_S = 60.0  # a loop iteration longer than this is a hung engine
 PE_MAX_PENDING = (
     4  # requests a PE holds (reading, waiting for its DE, or prefilling) before it stops fetching
 )
@@ -71,6 +73,33 @@ class _Channel:
     def send(self, message: object) -> None:
         with self.lock:
             self.conn.send(message)
+
+
+class _Heartbeat(threading.Thread):
+    """Resends the loop's latest report every HEARTBEAT_S, also while one long prefill batch runs.
+
+    It falls silent once the loop has made no progress for STALL_S, so a hung engine is still found."""
+
+    def __init__(self, channel: _Channel) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.channel = channel
+        self.report: Report | None = None
+        self.progress = time.monotonic()
+        self.stopped = threading.Event()
+
+    def beat(self, report: Report) -> None:
+        self.report, self.progress = report, time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_S):
+            if self.report is not None and time.monotonic() - self.progress < STALL_S:
+                try:
+                    self.channel.send(self.report)
+                except OSError:
+                    return
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> None:
@@ -132,8 +161,9 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
         reads = worker.reads
         return Report(spec.engine_id, worker.num_requests, worker.num_tokens, reads.tokens, free, reads.rate)
 
-    last_beat = 0.0
     last_report: Report | None = None
+    heartbeat = _Heartbeat(channel)
+    heartbeat.start()
     fetching = False
     try:
         while True:
@@ -155,13 +185,15 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
             else:
                 for result in worker.run(remote_for):
                     channel.send(result)
-            now, current = time.monotonic(), report()
-            if current != last_report or now - last_beat >= HEARTBEAT_S:  # the scheduler sees changes at once
+            current = report()
+            if current != last_report:  # the scheduler sees changes at once
                 channel.send(current)
-                last_beat, last_report = now, current
+                last_report = current
+            heartbeat.beat(current)
     except (EOFError, OSError):
         return  # the cluster went away
     finally:
+        heartbeat.stop()
         worker.close()
         for remote in remotes.values():
             remote.close()
