@@ -197,7 +197,8 @@ def test_a_bad_cluster_configuration_is_invalid_input_before_anything_starts(tmp
         Cluster.local(storage=tmp_path, no_such_knob=1)
 
 
-def test_sixteen_sessions_stepping_at_once_all_finish_exact(cluster: Cluster, tiny_llama: Pair) -> None:
+def _agents_at_once(cluster: Cluster, pair: Pair, agents: int, turns: int, seed: int) -> None:
+    """`agents` sessions step at once, each turn on a forced plan in turn; all finish, all exact."""
     plans = ["pe", "de", "split"]
     results: dict[int, list[tuple[list[int], list[int]]]] = {}
     errors: list[BaseException] = []
@@ -205,26 +206,45 @@ def test_sixteen_sessions_stepping_at_once_all_finish_exact(cluster: Cluster, ti
     def agent(i: int) -> None:
         try:
             session = cluster.session()
-            turns = []
-            for turn in range(3):
-                new = _turn(1000 + 10 * i + turn)
+            steps = []
+            for turn in range(turns):
+                new = _turn(seed + 10 * i + turn)
                 prompt = session.token_ids + new
                 out = session.step_tokens(new, max_tokens=6, ignore_eos=True, read_plan=plans[(i + turn) % 3])
-                turns.append((prompt, out.token_ids))
-            results[i] = turns
+                steps.append((prompt, out.token_ids))
+            results[i] = steps
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=agent, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=agent, args=(i,)) for i in range(agents)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(300)
     assert not errors, errors[0]
-    assert len(results) == 16
-    for turns in results.values():
-        for prompt, output in turns:
-            assert output == hf_greedy(tiny_llama, prompt, 6)
+    assert len(results) == agents
+    for steps in results.values():
+        for prompt, output in steps:
+            assert output == hf_greedy(pair, prompt, 6)
+
+
+def test_sixteen_sessions_stepping_at_once_all_finish_exact(cluster: Cluster, tiny_llama: Pair) -> None:
+    _agents_at_once(cluster, tiny_llama, agents=16, turns=3, seed=1000)
+
+
+def test_requests_queue_for_buffer_slots_without_stalling_the_engines(
+    tiny_llama: Pair, tmp_path: Path
+) -> None:
+    """Buffers of 6 slots: a second-turn prompt fills a DE buffer, so requests wait their turn for
+    slots while the engines go on prefilling and decoding the ones that have them."""
+    config = ClusterConfig(
+        model=str(tiny_llama.path),
+        engine=EngineConfig(block_size=BLOCK, num_blocks=128),
+        store=StoreConfig(root=tmp_path),
+        buffer_slots=6,
+    )
+    with Cluster(config) as running:
+        _agents_at_once(running, tiny_llama, agents=6, turns=2, seed=2000)
 
 
 @pytest.mark.parametrize("mode", ["basic", "oracle"])

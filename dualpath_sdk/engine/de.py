@@ -10,6 +10,7 @@ are freed), and each Full Block of generated tokens is persisted as it fills.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from dualpath_sdk.engine.core import EngineCore
 from dualpath_sdk.engine.messages import Admit, Admitted, Decode, Finished, Tokens
 from dualpath_sdk.engine.read_queue import ReadQueue
 from dualpath_sdk.engine.sequence import Sequence, Status
+from dualpath_sdk.errors import BufferTimeout
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import block_keys
 from dualpath_sdk.model.loader import Model
@@ -83,6 +85,7 @@ class DecodeWorker:
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="de-persist")
         self.requests: dict[str, _Request] = {}
         self.reads = ReadQueue()
+        self.waiting: deque[Admit] = deque()  # admitted prompts waiting for buffer slots, in order
 
     # ---- load figures ------------------------------------------------------------------------
 
@@ -108,16 +111,34 @@ class DecodeWorker:
     # ---- tasks ---------------------------------------------------------------------------------
 
     def admit(self, task: Admit) -> None:
-        """Reserve the prompt's slots and read the DE's share of its cached blocks into them."""
-        slots = self.buffer.acquire(-(-task.prompt_len // self.layout.block_size), timeout=60.0)
-        self.requests[task.req_id] = _Request(task.req_id, task.prompt_len, slots)
+        """Queue the prompt: once the buffer has slots for all its blocks, reserve them and read the
+        DE's share of the cached blocks into them (never blocking the loop, whose steps free slots)."""
+        need = -(-task.prompt_len // self.layout.block_size)
+        if need > self.buffer.capacity:
+            raise BufferTimeout(f"a {need}-block prompt exceeds the DE buffer's {self.buffer.capacity} slots")
+        self.requests[task.req_id] = _Request(task.req_id, task.prompt_len, [])
+        self.reads.add(len(task.reads) * self.layout.block_size)
+        self.waiting.append(task)
+        self.start_waiting()
+
+    def start_waiting(self) -> None:
+        """Start queued prompts in order while the buffer has slots for them."""
+        while self.waiting:
+            task = self.waiting[0]
+            need = -(-task.prompt_len // self.layout.block_size)
+            if need > self.buffer.free:
+                return
+            self.waiting.popleft()
+            self.requests[task.req_id].slots = slots = self.buffer.acquire(need)
+            self._read(task, slots)
+
+    def _read(self, task: Admit, slots: list[BufferSlot]) -> None:
         offsets = [slot.offset for slot in slots]
+        tokens = len(task.reads) * self.layout.block_size
         if not task.reads:
             self.send(Admitted(task.req_id, offsets, 0, 0.0))
             return
-        tokens = len(task.reads) * self.layout.block_size
         started = time.perf_counter()
-        self.reads.add(tokens)
 
         def read() -> None:
             try:
@@ -157,6 +178,10 @@ class DecodeWorker:
         request.next_block = len(keys)
 
     def cancel(self, req_id: str) -> None:
+        waiting = next((t for t in self.waiting if t.req_id == req_id), None)
+        if waiting is not None:
+            self.waiting.remove(waiting)
+            self.reads.remove(len(waiting.reads) * self.layout.block_size, read=False)
         request = self.requests.get(req_id)
         if request is not None:
             if request.seq is not None and request.seq.status != Status.FINISHED:

@@ -13,9 +13,10 @@ the cached prefix there: the rest is computed, never a wrong token.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +25,7 @@ from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, p
 from dualpath_sdk.engine.read_queue import ReadQueue
 from dualpath_sdk.engine.sampler import sample
 from dualpath_sdk.engine.sequence import Sequence
+from dualpath_sdk.errors import BufferTimeout
 from dualpath_sdk.kv.block import KVLayout
 from dualpath_sdk.model.loader import Model
 from dualpath_sdk.scheduler import AttentionModel, PrefillWork, fit_attention_model, pack_quota
@@ -35,10 +37,15 @@ from dualpath_sdk.transfer import Region, RegionDescriptor, RemoteRegion, Transf
 @dataclass
 class _Pending:
     task: Prefill
-    slots: list[BufferSlot]
-    reads: Future[list[bool]] | None
+    slots: list[BufferSlot] = field(default_factory=list)
+    reads: Future[list[bool]] | None = None
+    started: bool = False  # has its buffer slots (and its reads, if any, are running)
     de: DeSlots | None = None
     read_s: float = 0.0
+
+    @property
+    def reading(self) -> bool:
+        return bool(self.task.pe_reads) and self.task.mode != "oracle"
 
 
 class PrefillWorker:
@@ -72,6 +79,7 @@ class PrefillWorker:
         self.readers = ThreadPoolExecutor(2, thread_name_prefix="pe-read")
         self.io = LayerIO()
         self.pending: dict[str, _Pending] = {}
+        self.waiting: deque[_Pending] = deque()  # admitted, waiting for buffer slots, in order
         self.reads = ReadQueue()
         self.attention, self.prefill_tps = self._profile()
 
@@ -107,22 +115,44 @@ class PrefillWorker:
     # ---- tasks ------------------------------------------------------------------------------
 
     def admit(self, task: Prefill) -> None:
-        """Start reading the PE's share of the cached blocks (backpressure: waits for buffer slots)."""
-        reading = bool(task.pe_reads) and task.mode != "oracle"
-        slots = self.buffer.acquire(len(task.pe_reads), timeout=60.0) if reading else []
-        pending = self.pending[task.req_id] = _Pending(task, slots, None)
-        if reading:
-            items = [(key, slot.block) for (_, key), slot in zip(task.pe_reads, slots, strict=True)]
-            tokens = len(items) * self.layout.block_size
-            started = time.perf_counter()
-            self.reads.add(tokens)
-            pending.reads = self.readers.submit(self.store.read_many, items)
+        """Queue the task; its reads of the PE's share of the cached blocks start once the PE
+        buffer has slots for them (never blocking the loop, whose prefills free the slots)."""
+        pending = _Pending(task)
+        if pending.reading and len(task.pe_reads) > self.buffer.capacity:
+            raise BufferTimeout(
+                f"{len(task.pe_reads)} blocks to read exceed the PE buffer's {self.buffer.capacity} slots"
+            )
+        self.pending[task.req_id] = pending
+        if pending.reading:
+            self.reads.add(len(task.pe_reads) * self.layout.block_size)
+        self.waiting.append(pending)
+        self.start_waiting()
 
-            def done(_: Future[list[bool]]) -> None:
-                pending.read_s = time.perf_counter() - started
-                self.reads.remove(tokens)
+    def start_waiting(self) -> None:
+        """Start queued tasks in order while the buffer has slots for their reads."""
+        while self.waiting:
+            pending = self.waiting[0]
+            n = len(pending.task.pe_reads) if pending.reading else 0
+            if n > self.buffer.free:
+                return
+            self.waiting.popleft()
+            pending.started = True
+            if n:
+                pending.slots = self.buffer.acquire(n)
+                self._read(pending)
 
-            pending.reads.add_done_callback(done)
+    def _read(self, pending: _Pending) -> None:
+        items = [
+            (key, slot.block) for (_, key), slot in zip(pending.task.pe_reads, pending.slots, strict=True)
+        ]
+        started = time.perf_counter()
+        pending.reads = self.readers.submit(self.store.read_many, items)
+
+        def done(_: Future[list[bool]]) -> None:
+            pending.read_s = time.perf_counter() - started
+            self.reads.remove(len(items) * self.layout.block_size)
+
+        pending.reads.add_done_callback(done)
 
     def de_ready(self, slots: DeSlots) -> None:
         if slots.req_id in self.pending:
@@ -130,13 +160,23 @@ class PrefillWorker:
 
     def cancel(self, req_id: str) -> None:
         pending = self.pending.pop(req_id, None)
-        if pending is not None:
-            if pending.reads is not None:
-                pending.reads.result()  # the slots are being written: wait before handing them back
-            self.buffer.release(pending.slots)
+        if pending is None:
+            return
+        if not pending.started:
+            self.waiting.remove(pending)
+            if pending.reading:
+                self.reads.remove(len(pending.task.pe_reads) * self.layout.block_size, read=False)
+            return
+        if pending.reads is not None:
+            pending.reads.result()  # the slots are being written: wait before handing them back
+        self.buffer.release(pending.slots)
 
     def ready(self) -> list[_Pending]:
-        return [p for p in self.pending.values() if p.de is not None and (p.reads is None or p.reads.done())]
+        return [
+            p
+            for p in self.pending.values()
+            if p.started and p.de is not None and (p.reads is None or p.reads.done())
+        ]
 
     def run(self, remote_for: Callable[[RegionDescriptor], RemoteRegion]) -> list[Prefilled | Failed]:
         """Prefill the ready requests in one layer-wise batch, and report each request's first token.
@@ -163,6 +203,7 @@ class PrefillWorker:
         except Exception as exc:
             for p in batch:
                 self.cancel(p.task.req_id)
+            self.start_waiting()
             return [Failed(p.task.req_id, f"prefill failed: {type(exc).__name__}: {exc}") for p in batch]
         prefill_s = time.perf_counter() - start
         results: list[Prefilled | Failed] = []
@@ -172,6 +213,7 @@ class PrefillWorker:
             results.append(
                 Prefilled(p.task.req_id, token, job.num_cached, p.read_s, prefill_s, bytes_pe, bytes_de)
             )
+        self.start_waiting()
         return results
 
     def _batch(self, ready: list[_Pending]) -> list[_Pending]:

@@ -1,12 +1,13 @@
 """An engine process: one PE or DE ("one engine per GPU"), driven over the control channel.
 
 The loop is nano-vllm's: take messages -> do one unit of work (a DE decode step, a PE prefill
-batch) -> report. A PE pulls work (the paper's pull model): while it has room it keeps one `Fetch`
-outstanding, which the cluster answers with the next request of its global queue as soon as there
-is one. Every engine sends a `Report` when its figures change, so the scheduler decides on fresh
-figures, and a heartbeat thread repeats the latest one every HEARTBEAT_S, also through a long
-prefill batch: the cluster notices an engine that exited within seconds, and a hung one (its loop
-stalled for STALL_S, when the heartbeat stops) soon after.
+batch) -> report. A PE pulls work (the paper's pull model): it keeps one `Fetch` outstanding,
+which the cluster answers with the next request of its global queue once the scheduler places it
+there (not while the PE holds more than beta tokens). Every engine sends a `Report` when its
+figures change, so the scheduler decides on fresh figures, and a heartbeat thread repeats the
+latest one every HEARTBEAT_S, also through a long prefill batch: the cluster notices an engine that
+exited within seconds, and a hung one (its loop stalled for STALL_S, when the heartbeat stops)
+soon after.
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ from dualpath_sdk.transfer import RegionDescriptor, RemoteRegion, open_transport
 
 HEARTBEAT_S = 0.5
 STALL_S = 60.0  # a loop iteration longer than this is a hung engine
-PE_MAX_PENDING = (
-    4  # requests a PE holds (reading, waiting for its DE, or prefilling) before it stops fetching
-)
 
 
 @dataclass(frozen=True)
@@ -167,7 +165,9 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
     fetching = False
     try:
         while True:
-            if isinstance(worker, PrefillWorker) and not fetching and worker.num_requests < PE_MAX_PENDING:
+            if (
+                isinstance(worker, PrefillWorker) and not fetching
+            ):  # the scheduler's beta says when it is full
                 channel.send(Fetch(report()))
                 fetching = True
             busy = worker.has_work if isinstance(worker, DecodeWorker) else bool(worker.ready())
@@ -180,6 +180,7 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
                 _handle(worker, message, channel)
                 wait = 0.0
             if isinstance(worker, DecodeWorker):
+                worker.start_waiting()  # slots freed by the last step or by a finished write
                 if worker.has_work:
                     worker.step()
             else:

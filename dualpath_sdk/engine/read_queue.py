@@ -34,6 +34,8 @@ class ReadQueue:
 
     def add(self, tokens: int) -> None:
         """`tokens` join the queue (a read is waiting for a reader thread or running)."""
+        if tokens <= 0:
+            return
         with self._lock:
             if self._queued == 0:
                 self._since = time.perf_counter()
@@ -41,6 +43,8 @@ class ReadQueue:
 
     def remove(self, tokens: int, read: bool = True) -> None:
         """`tokens` leave the queue; `read`: they were read (else dropped, and not counted in the rate)."""
+        if tokens <= 0:
+            return
         with self._lock:
             self._queued -= tokens
             self._done += tokens if read else 0
