@@ -9,4 +9,5 @@ BENCHMARKS = {
     "engine": "our engine beside HF transformers: prefill and decode tokens/s",
     "store": "fs block reads/writes beside the raw device; the storage-NIC limiter's accuracy",
     "transfer": "local and mooncake transports beside a memcpy and a plain socket of the same bytes",
+    "cluster": "basic, dualpath, split reads and oracle clusters on storage-bound agent workloads",
 }
