@@ -197,9 +197,12 @@ def test_a_bad_cluster_configuration_is_invalid_input_before_anything_starts(tmp
         Cluster.local(storage=tmp_path, no_such_knob=1)
 
 
-def _agents_at_once(cluster: Cluster, pair: Pair, agents: int, turns: int, seed: int) -> None:
-    """`agents` sessions step at once, each turn on a forced plan in turn; all finish, all exact."""
-    plans = ["pe", "de", "split"]
+def _agents_at_once(
+    cluster: Cluster, pair: Pair, agents: int, turns: int, seed: int, plans: list[str] | None = None
+) -> None:
+    """`agents` sessions step at once, each turn on the next of `plans` (default: every forced plan in
+    turn); all finish, all exact."""
+    plans = plans or ["pe", "de", "split"]
     results: dict[int, list[tuple[list[int], list[int]]]] = {}
     errors: list[BaseException] = []
 
@@ -210,7 +213,8 @@ def _agents_at_once(cluster: Cluster, pair: Pair, agents: int, turns: int, seed:
             for turn in range(turns):
                 new = _turn(seed + 10 * i + turn)
                 prompt = session.token_ids + new
-                out = session.step_tokens(new, max_tokens=6, ignore_eos=True, read_plan=plans[(i + turn) % 3])
+                plan = plans[(i + turn) % len(plans)]
+                out = session.step_tokens(new, max_tokens=6, ignore_eos=True, read_plan=plan)
                 steps.append((prompt, out.token_ids))
             results[i] = steps
         except BaseException as exc:
@@ -305,3 +309,21 @@ def test_without_split_reads_the_paper_rule_picks_one_side(tiny_llama: Pair, tmp
     )
     with Cluster(config) as running:
         assert _auto_turns(running.session(), tiny_llama, 510) == ["none", "pe", "pe"]
+
+
+def test_two_prefill_and_two_decode_nodes_share_the_work_exactly(tiny_llama: Pair, tmp_path: Path) -> None:
+    """2P2D: the scheduler spreads concurrent steps over both PEs and both DE groups, and split reads
+    use every node's storage NIC; every output stays exact."""
+    config = ClusterConfig(
+        model=str(tiny_llama.path),
+        prefill_nodes=2,
+        decode_nodes=2,
+        engine=EngineConfig(block_size=BLOCK, num_blocks=128),
+        store=StoreConfig(root=tmp_path),
+        buffer_slots=32,
+    )
+    with Cluster(config) as running:
+        _agents_at_once(running, tiny_llama, agents=6, turns=2, seed=3000, plans=["auto"])
+        read = {node.split("-", 1)[1]: r for node, (r, _) in running.storage_nic_bytes().items()}
+        assert sorted(read) == ["de-node0", "de-node1", "pe-node0", "pe-node1"]
+        assert all(r > 0 for r in read.values()), read

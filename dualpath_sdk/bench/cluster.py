@@ -17,6 +17,7 @@ Sections (docs/benchmarks.md says more):
   64-token KV block, so shared hash prefixes are shared KV), generation lengths scaled down.
 Greedy outputs of every non-oracle mode must agree token for token; the JSON says whether they did.
 """
+
 from __future__ import annotations
 
 import json

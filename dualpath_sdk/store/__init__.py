@@ -8,10 +8,9 @@ from dualpath_sdk.store.limiter import StorageNicLimiter
 
 
 def open_store(config: StoreConfig, node: str = "node0") -> BlockStore:
-    """The persistent store `config` names, its reads and writes capped by `node`'s storage NIC."""
-    limiter = None
-    if config.snic_read_bps is not None or config.snic_write_bps is not None:
-        limiter = StorageNicLimiter(node, config.snic_read_bps, config.snic_write_bps)
+    """The persistent store `config` names, its reads and writes through `node`'s storage NIC (capped
+    where `config` says, and counted always: `granted_bytes` reads the counts)."""
+    limiter = StorageNicLimiter(node, config.snic_read_bps, config.snic_write_bps)
     if config.backend == "mooncake":
         from dualpath_sdk.store.mooncake import MooncakeStore
 
