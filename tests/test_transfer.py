@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event as EventType
@@ -73,6 +74,19 @@ def _owner(backend: str, nbytes: int, out: Queue[Any], cmds: Queue[Any]) -> None
         region.close()
         out.put("closed")
         cmds.get(timeout=60)
+
+
+def _witness(backend: str, nbytes: int, conn: Connection) -> None:
+    """A DE told over a pipe that a write of `n` bytes at offset 0 completed: it answers whether the
+    last byte, the one that changed, is already `value` in its region."""
+    transport = open_transport(_config(backend))
+    region = transport.allocate("de-buffer", nbytes)
+    conn.send(region.descriptor)
+    while (msg := conn.recv()) is not None:
+        n, value = msg
+        conn.send(int(region.tensor[n - 1]) == value)
+    region.close()
+    transport.close()
 
 
 def _stream(
@@ -238,6 +252,32 @@ def test_batched_layer_block_writes_land_at_their_offsets(transport: Transport, 
     mine.close()
 
 
+def test_a_completed_write_is_in_the_peers_memory_before_a_message_about_it_arrives(
+    backend: str, transport: Transport
+) -> None:
+    """The PE waits for its write, then tells the DE over another channel, which reads at once.
+    A transport that completes a write once its last bytes leave the sender (Mooncake's legacy TCP
+    framing, MC_TCP_PROTO=1) showed stale bytes here in 8 runs of 8, at sizes from 4 KiB up."""
+    parent, child = CTX.Pipe()
+    proc = CTX.Process(target=_witness, args=(backend, 32 * MiB, child), daemon=True)
+    proc.start()
+    remote = transport.attach(parent.recv())
+    mine = transport.allocate("pe-buffer", 32 * MiB)
+    sizes = [4096 << k for k in range(14)]  # 4 KiB .. 32 MiB
+    stale = []
+    for step in range(10 * len(sizes)):
+        n, value = sizes[step % len(sizes)], step % 255 + 1  # differs from what the last round left
+        mine.tensor[n - 1] = value
+        transport.write(mine, 0, remote, 0, n).wait()
+        parent.send((n, value))
+        if not parent.recv():
+            stale.append(n)
+    parent.send(None)
+    proc.join(10)
+    mine.close()
+    assert not stale, f"completed writes not yet visible at the peer: {stale}"
+
+
 def test_a_peer_killed_mid_transfer_gives_transfer_error_not_a_hang(backend: str, tmp_path: Path) -> None:
     victim = Peer(backend, 32 * MiB)
     # 32 MiB at 20 MB/s takes 1.7 s: the kill lands in the middle.
@@ -256,6 +296,38 @@ def test_a_peer_killed_mid_transfer_gives_transfer_error_not_a_hang(backend: str
             t.write(mine, 0, remote, 0, 4096).wait(5.0)
         mine.close()
     victim.proc.join(10)
+
+
+@pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+def test_a_peer_killed_under_a_train_of_mooncake_writes_fails_them_at_once() -> None:
+    """Unshaped writes are in the engine together: those the kill cuts off fail, none waits out its
+    deadline."""
+    victim = Peer("mooncake", 32 * MiB)
+    with open_transport(_config("mooncake")) as t:
+        mine = t.allocate("pe-buffer", 4 * MiB)
+        remote = t.attach(victim.descriptor)
+        pending = [t.write(mine, 0, remote, (i % 8) * 4 * MiB, 4 * MiB) for i in range(64)]  # 256 MiB
+        pending[0].wait()
+        victim.proc.kill()  # SIGKILL
+        killed = time.monotonic()
+        failed = 0
+        for done in pending[1:]:
+            try:
+                done.wait()
+            except TransferError:
+                failed += 1
+        assert time.monotonic() - killed < 3.0
+        assert failed > 0
+        mine.close()
+    victim.proc.join(10)
+
+
+@pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
+def test_mooncake_refuses_the_legacy_tcp_framing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MC_TCP_PROTO=1 completes a write before the peer has the bytes: the transport will not start."""
+    monkeypatch.setenv("MC_TCP_PROTO", "1")
+    with pytest.raises(TransferError, match="MC_TCP_PROTO"):
+        open_transport(_config("mooncake"))
 
 
 def test_local_closed_regions_fail_and_dead_owners_files_are_swept() -> None:

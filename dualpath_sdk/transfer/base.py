@@ -212,7 +212,7 @@ class Transport(ABC):
             raise InvalidInput(f"traffic class must be one of {CLASSES}, got {cls!r}")
         ops = list(ops)
         for op in ops:
-            _check_bounds(op)
+            check_bounds(op)
         what = f"{cls} {direction} of {len(ops)} pieces"
         if self.inline and self.link is None:
             try:
@@ -268,7 +268,7 @@ def region_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1).view(torch.uint8)
 
 
-def _check_bounds(op: TransferOp) -> None:
+def check_bounds(op: TransferOp) -> None:
     if op.nbytes <= 0 or op.local_offset < 0 or op.remote_offset < 0:
         raise InvalidInput(f"a transfer needs a positive size and offsets >= 0: {op}")
     if op.local_offset + op.nbytes > op.local.nbytes or op.remote_offset + op.nbytes > op.remote.nbytes:
