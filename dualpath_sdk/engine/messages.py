@@ -26,8 +26,8 @@ class Hello:
     pid: int
     fingerprint: str  # the model's: part of every block key's namespace
     kv_dtype: str
-    buffer: RegionDescriptor | None  # the DE buffer's region (DE only): PEs attach to it
     kv_bytes_per_token: int
+    buffer: RegionDescriptor | None = None  # the DE buffer's region (DE only): PEs attach to it
     prefill_tps: float = 0.0  # PE: prompt tokens (len(r)) per second, profiled at start (beta)
     attention: AttentionModel | None = None  # PE: its fitted attention-time model
 

@@ -16,8 +16,9 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Client, Connection
+from typing import Any
 
 import torch
 
@@ -107,46 +108,35 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
     transport = open_transport(spec.transfer, node=spec.node)
     channel = _Channel(Client(address, authkey=authkey))
     worker: PrefillWorker | DecodeWorker
+    role_fields: dict[str, Any]  # what the cluster learns of this role's engine
     if spec.role == "pe":
-        layout = kv_layout(model, spec.engine.block_size)
         worker = PrefillWorker(
             spec.engine_id,
             model,
-            layout,
+            kv_layout(model, spec.engine.block_size),
             store,
             transport,
             spec.buffer_slots,
             spec.engine.max_batch_tokens,
             spec.compute_quota_s,
         )
-        hello = Hello(
-            spec.engine_id,
-            spec.role,
-            spec.node,
-            os.getpid(),
-            model.fingerprint,
-            layout.dtype_name,
-            None,
-            layout.bytes_per_token,
-            worker.prefill_tps,
-            worker.attention,
-        )
+        role_fields = {"prefill_tps": worker.prefill_tps, "attention": worker.attention}
     else:
         worker = DecodeWorker(
             spec.engine_id, model, spec.engine, store, transport, spec.buffer_slots, channel.send
         )
-        layout = worker.layout
-        hello = Hello(
-            spec.engine_id,
-            spec.role,
-            spec.node,
-            os.getpid(),
-            model.fingerprint,
-            layout.dtype_name,
-            worker.region.descriptor,
-            layout.bytes_per_token,
-        )
-    channel.send(hello)
+        role_fields = {"buffer": worker.region.descriptor}
+    layout = worker.layout
+    hello = Hello(
+        spec.engine_id,
+        spec.role,
+        spec.node,
+        os.getpid(),
+        model.fingerprint,
+        layout.dtype_name,
+        layout.bytes_per_token,
+    )
+    channel.send(replace(hello, **role_fields))
     remotes: dict[str, RemoteRegion] = {}
 
     def remote_for(descriptor: RegionDescriptor) -> RemoteRegion:
