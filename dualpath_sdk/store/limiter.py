@@ -94,15 +94,13 @@ class StorageNicLimiter:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             rate, tokens, last, total = _BUCKET.unpack_from(self._map, offset)
-            if rate <= 0:
-                _BUCKET.pack_into(self._map, offset, rate, tokens, last, total + nbytes)
-                return 0.0
-            now = self.clock()
-            tokens = min(rate * self.burst_s, tokens + (now - last) * rate) - nbytes
-            _BUCKET.pack_into(self._map, offset, rate, tokens, now, total)
+            if rate > 0:
+                now = self.clock()
+                tokens = min(rate * self.burst_s, tokens + (now - last) * rate) - nbytes
+                _BUCKET.pack_into(self._map, offset, rate, tokens, now, total)
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
-        wait = -tokens / rate if tokens < 0 else 0.0
+        wait = -tokens / rate if rate > 0 and tokens < 0 else 0.0
         if wait > 0:
             self.sleep(wait)
         self._count(offset, nbytes)  # once granted: monitors see the rate the cap lets through
