@@ -1,8 +1,9 @@
 """The controller: the cluster's side of the control channel, the global request queue, and the
 state machine of one step across a PE and a DE.
 
-submit -> (a PE fetches) -> Admit to the DE + Prefill to the PE -> Admitted (DE read done) ->
-DeSlots to the PE -> Prefilled (first token) -> Decode to the DE -> Tokens ... -> Finished.
+submit -> (a PE fetches; scheduler/ picks the PE, the DE and the read plan from the engines'
+reports) -> Admit to the DE + Prefill to the PE -> Admitted (DE read done) -> DeSlots to the PE ->
+Prefilled (first token) -> Decode to the DE -> Tokens ... -> Finished.
 A request whose engine dies (or fails it) before any token reached the caller is retried on
 healthy engines; otherwise the caller gets EngineUnavailable.
 """
