@@ -327,3 +327,22 @@ def test_two_prefill_and_two_decode_nodes_share_the_work_exactly(tiny_llama: Pai
         read = {node.split("-", 1)[1]: r for node, (r, _) in running.storage_nic_bytes().items()}
         assert sorted(read) == ["de-node0", "de-node1", "pe-node0", "pe-node1"]
         assert all(r > 0 for r in read.values()), read
+
+
+def test_chunked_prefill_under_a_tiny_compute_quota_is_exact(tiny_llama: Pair, tmp_path: Path) -> None:
+    """A quota no request fits: every prompt is prefilled one block per batch, each chunk loading
+    the earlier chunks' KV back from the DE buffer, over every read path."""
+    config = ClusterConfig(
+        model=str(tiny_llama.path),
+        scheduler=SchedulerConfig(compute_quota_s=1e-9),
+        engine=EngineConfig(block_size=BLOCK, num_blocks=128),
+        store=StoreConfig(root=tmp_path),
+        buffer_slots=32,
+    )
+    with Cluster(config) as running:
+        session = running.session()
+        for turn, plan in enumerate(["pe", "pe", "de", "split"]):
+            before, new = session.token_ids, _turn(600 + turn)
+            result = session.step_tokens(new, max_tokens=NEW_TOKENS, ignore_eos=True, read_plan=plan)
+            assert result.token_ids == hf_greedy(tiny_llama, before + new, NEW_TOKENS), f"turn {turn}"
+            assert result.usage.cached_tokens == len(before) // BLOCK * BLOCK

@@ -12,6 +12,7 @@ from dualpath_sdk.scheduler import (
     Request,
     Scheduler,
     Thresholds,
+    block_chunks,
     choose_de,
     choose_de_group,
     choose_pe,
@@ -223,3 +224,18 @@ def test_pack_always_progresses() -> None:
     model = AttentionModel(0.0, 0.0, 1.0)  # a 1 s fixed cost exceeds any small quota
     chunks = pack_quota([PrefillWork("big", 0, 5)], model, 0.3)
     assert [(c.request_id, c.tokens) for c in chunks] == [("big", 1)]
+
+
+def test_block_chunks_chunk_on_block_boundaries_within_the_quota() -> None:
+    model = AttentionModel(1e-3, 0.0, 0.0)  # 1 ms per new token
+    r1, r2 = PrefillWork("r1", 48, 37), PrefillWork("r2", 0, 100)
+    # r1 (37 ms) fits 50 ms; r2's 13 ms rounds down to no block: it waits for the next batch
+    assert block_chunks([r1, r2], model, 0.05, 16, 100, 2048) == [85]
+    assert block_chunks([r1, r2], model, 0.07, 16, 100, 2048) == [85, 32]  # 33 tokens -> 2 blocks
+    # nothing fits: the first request still moves by one block, the rest wait
+    assert block_chunks([r1, r2], model, 1e-9, 16, 100, 2048) == [64]
+    assert block_chunks([PrefillWork("r", 80, 5)], model, 1e-9, 16, 100, 2048) == [85]  # its last chunk
+    # the work region's blocks and the new-token budget bound the batch too
+    assert block_chunks([r1, r2], model, 10.0, 16, 8, 2048) == [85]
+    assert block_chunks([r1, r2], model, 10.0, 16, 100, 50) == [85]  # r2 would get 13 new tokens
+    assert block_chunks([r2], model, 10.0, 16, 100, 50) == [48]

@@ -28,7 +28,7 @@ from dualpath_sdk.engine.sequence import Sequence
 from dualpath_sdk.errors import BufferTimeout
 from dualpath_sdk.kv.block import KVLayout
 from dualpath_sdk.model.loader import Model
-from dualpath_sdk.scheduler import AttentionModel, PrefillWork, fit_attention_model, pack_quota
+from dualpath_sdk.scheduler import AttentionModel, PrefillWork, block_chunks, fit_attention_model
 from dualpath_sdk.store.backend import BlockStore
 from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
 from dualpath_sdk.transfer import Region, RegionDescriptor, RemoteRegion, TransferOp, Transport
@@ -42,6 +42,10 @@ class _Pending:
     started: bool = False  # has its buffer slots (and its reads, if any, are running)
     de: DeSlots | None = None
     read_s: float = 0.0
+    done: int = 0  # leading prompt tokens already prefilled in earlier chunks (their KV is on the DE)
+    num_cached: int = 0  # prompt tokens loaded, not computed (known after the first chunk)
+    bytes_read: tuple[int, int] = (0, 0)  # Full Block bytes read through the PE and the DE node
+    prefill_s: float = 0.0
 
     @property
     def reading(self) -> bool:
@@ -179,7 +183,8 @@ class PrefillWorker:
         ]
 
     def run(self, remote_for: Callable[[RegionDescriptor], RemoteRegion]) -> list[Prefilled | Failed]:
-        """Prefill the ready requests in one layer-wise batch, and report each request's first token.
+        """Prefill the ready requests in one layer-wise batch, and report the first token of each
+        request whose last chunk it was.
 
         A batch that fails (its DE vanished mid-transfer, say) fails its requests, not the engine:
         the cluster retries them elsewhere."""
@@ -187,94 +192,98 @@ class PrefillWorker:
         if not batch:
             return []
         start = time.perf_counter()
-        jobs, byte_counts = [], []
-        base = 0
         try:
-            for p in batch:
-                job, counts = self._job(p, remote_for, base)
-                jobs.append(job)
-                byte_counts.append(counts)
-                base += -(-len(p.task.token_ids) // self.layout.block_size)
-            overlap = batch[0].task.mode != "basic"  # the mode is the cluster's: one per batch
+            jobs = [self._job(p, upto, remote_for) for p, upto in batch]
+            overlap = batch[0][0].task.mode != "basic"  # the mode is the cluster's: one per batch
             logits = prefill_layerwise(
                 self.model.transformer, self.layout, jobs, self.io, self._layer_memory, overlap
             )
-            firsts = sample(logits, [_sampling_seq(p.task) for p in batch])
+            last = [i for i, (p, upto) in enumerate(batch) if upto == len(p.task.token_ids)]
+            firsts = sample(logits[last], [_sampling_seq(batch[i][0].task) for i in last])
         except Exception as exc:
-            for p in batch:
+            for p, _ in batch:
                 self.cancel(p.task.req_id)
             self.start_waiting()
-            return [Failed(p.task.req_id, f"prefill failed: {type(exc).__name__}: {exc}") for p in batch]
-        prefill_s = time.perf_counter() - start
+            return [Failed(p.task.req_id, f"prefill failed: {type(exc).__name__}: {exc}") for p, _ in batch]
+        elapsed = time.perf_counter() - start
+        for p, upto in batch:
+            p.done, p.prefill_s = upto, p.prefill_s + elapsed
+            self.buffer.release(p.slots)  # the KV of every block so far is in the DE buffer now
+            p.slots, p.reads = [], None
         results: list[Prefilled | Failed] = []
-        for p, job, token, (bytes_pe, bytes_de) in zip(batch, jobs, firsts, byte_counts, strict=True):
+        for i, token in zip(last, firsts, strict=True):
+            p = batch[i][0]
             del self.pending[p.task.req_id]
-            self.buffer.release(p.slots)
             results.append(
-                Prefilled(p.task.req_id, token, job.num_cached, p.read_s, prefill_s, bytes_pe, bytes_de)
+                Prefilled(p.task.req_id, token, p.num_cached, p.read_s, p.prefill_s, *p.bytes_read)
             )
         self.start_waiting()
         return results
 
-    def _batch(self, ready: list[_Pending]) -> list[_Pending]:
-        """FIFO up to the compute quota (PAPER.md, Inside a PE) and the work region's size.
+    def _batch(self, ready: list[_Pending]) -> list[tuple[_Pending, int]]:
+        """FIFO up to the compute quota (PAPER.md, Inside a PE) and the work region's size: each
+        request with the prompt length its KV will reach (the whole prompt, or a chunk of it).
 
-        The request that would cross the quota waits for the next batch, or goes alone if it is
-        first: it is not chunk-prefilled, because its earlier chunks' KV would already be on its DE.
+        The request that crosses the quota is chunk-prefilled, its chunk the largest that fits
+        (block-aligned, at least one block): the next chunk loads the earlier ones' KV back from the
+        DE buffer, as a DE-path read.
         """
         bs = self.layout.block_size
         work = []
         for p in ready:
-            cached = (len(p.task.pe_reads) + len(p.task.de_reads)) * bs
+            cached = p.done or (len(p.task.pe_reads) + len(p.task.de_reads)) * bs
             work.append(PrefillWork(p.task.req_id, cached, len(p.task.token_ids) - cached))
-        chunks = pack_quota(work, self.attention, self.compute_quota_s)
-        whole = sum(c.tokens == w.new for c, w in zip(chunks, work, strict=False))
-        batch: list[_Pending] = []
-        tokens = blocks = 0
-        for p in ready[: max(whole, 1)]:
-            n = len(p.task.token_ids)
-            nb = -(-n // bs)
-            if batch and (tokens + n > self.max_batch_tokens or blocks + nb > self.max_blocks):
-                break
-            batch.append(p)
-            tokens, blocks = tokens + n, blocks + nb
-        return batch
+        quota, tokens = self.compute_quota_s, self.max_batch_tokens
+        ends = block_chunks(work, self.attention, quota, bs, self.max_blocks, tokens)
+        return list(zip(ready, ends, strict=False))
 
     # ---- one request's loads and sends -------------------------------------------------------------
 
     def _job(
-        self, p: _Pending, remote_for: Callable[[RegionDescriptor], RemoteRegion], base: int
-    ) -> tuple[PrefillJob, tuple[int, int]]:
+        self, p: _Pending, upto: int, remote_for: Callable[[RegionDescriptor], RemoteRegion]
+    ) -> PrefillJob:
+        """Prefill `p`'s prompt up to `upto` on top of its cached blocks.
+
+        The first chunk loads the PE's reads from its slots and the DE's reads from the DE buffer;
+        a later chunk loads every earlier block from the DE buffer. Blocks the DE buffer holds
+        intact are not sent back."""
         assert p.de is not None
         task, bs, layer_bytes = p.task, self.layout.block_size, self.layout.layer_block_nbytes
+        tokens = task.token_ids[:upto]
         if task.mode == "oracle":  # the I/O-free ceiling: as if every cached layer were already here
-            cached = (len(task.pe_reads) + len(task.de_reads)) * bs
-            return PrefillJob(task.token_ids, cached, _nothing, _nothing), (0, 0)
-        pe_ok = p.reads.result() if p.reads is not None else []
-        pe_valid = next((i for i, ok in enumerate(pe_ok) if not ok), len(pe_ok))
-        n_pe = len(task.pe_reads)
-        cached_blocks = pe_valid if pe_valid < n_pe else n_pe + p.de.valid_reads
+            cached = p.done or (len(task.pe_reads) + len(task.de_reads)) * bs
+            p.num_cached = p.num_cached or cached
+            return PrefillJob(tokens, cached, _nothing, _nothing)
+        if p.done:
+            from_pe, cached_blocks = 0, p.done // bs
+        else:
+            pe_ok = p.reads.result() if p.reads is not None else []
+            pe_valid = next((i for i, ok in enumerate(pe_ok) if not ok), len(pe_ok))
+            n_pe = len(task.pe_reads)
+            from_pe = min(n_pe, pe_valid)
+            cached_blocks = pe_valid if pe_valid < n_pe else n_pe + p.de.valid_reads
+            full = self.layout.full_block_nbytes
+            p.num_cached = cached_blocks * bs
+            p.bytes_read = (from_pe * full, (cached_blocks - from_pe) * full)
         remote = remote_for(p.de.buffer)
         offsets = p.de.offsets
-        n_blocks = -(-len(task.token_ids) // bs)
-        de_has = set(range(n_pe, cached_blocks))  # the DE's intact reads need not come back
-        sent = [i for i in range(n_blocks) if i not in de_has]
+        sent = [i for i in range(-(-upto // bs)) if not from_pe <= i < cached_blocks]  # the DE has the rest
         work = self.work
 
         def load_layer(layer: int, kv: torch.Tensor) -> None:
-            for i in range(min(n_pe, cached_blocks)):
+            for i in range(from_pe):
                 kv[i].copy_(p.slots[i].block.layer(layer))
-            if cached_blocks > n_pe:
-                first = _offset_in(work, kv[n_pe])
+            if cached_blocks > from_pe:
+                first = _offset_in(work, kv[from_pe])
                 ops = [
                     TransferOp(
                         work,
-                        first + (i - n_pe) * layer_bytes,
+                        first + (i - from_pe) * layer_bytes,
                         remote,
                         offsets[i] + layer * layer_bytes,
                         layer_bytes,
                     )
-                    for i in range(n_pe, cached_blocks)
+                    for i in range(from_pe, cached_blocks)
                 ]
                 self.transport.read_batch(ops, "kv").wait()
 
@@ -288,9 +297,7 @@ class PrefillWorker:
             ]
             self.transport.write_batch(ops, "kv").wait()
 
-        job = PrefillJob(task.token_ids, cached_blocks * bs, load_layer, send_layer)
-        full = self.layout.full_block_nbytes
-        return job, (min(n_pe, pe_valid) * full, max(cached_blocks - n_pe, 0) * full)
+        return PrefillJob(tokens, cached_blocks * bs, load_layer, send_layer)
 
     def _layer_memory(self, layer: int, blocks: int) -> torch.Tensor:
         """Layer `layer`'s working KV, a view into the registered work region (a ring of 3 layers)."""

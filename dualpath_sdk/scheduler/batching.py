@@ -6,7 +6,7 @@ same attention time: requests FIFO up to the quota, the one that crosses it chun
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,3 +85,37 @@ def pack_quota(queue: Iterable[PrefillWork], model: AttentionModel, quota_s: flo
             chunks.append(Chunk(work.request_id, tokens))
         break
     return chunks
+
+
+def block_chunks(
+    queue: Sequence[PrefillWork],
+    model: AttentionModel,
+    quota_s: float,
+    block_tokens: int,
+    max_blocks: int,
+    max_tokens: int,
+) -> list[int]:
+    """`pack_quota` for an engine whose KV moves in blocks: how far each leading request's prefill
+    reaches this batch (cached + new tokens), FIFO.
+
+    A chunk that is not a request's last ends on a block boundary, rounded down; a batch takes at
+    least one block of its first request. The batch also stays within `max_blocks` KV blocks
+    (cached ones included) and `max_tokens` new tokens.
+    """
+    ends: list[int] = []
+    blocks = new = 0
+    for work, chunk in zip(queue, pack_quota(queue, model, quota_s), strict=False):
+        total = work.cached + work.new
+        end = work.cached + min(chunk.tokens, max_tokens - new)
+        if end < total:
+            end = end // block_tokens * block_tokens
+            if end <= work.cached:
+                if ends:
+                    break
+                end = min(work.cached + block_tokens, total)
+        nb = -(-end // block_tokens)
+        if ends and (blocks + nb > max_blocks or new + end - work.cached > max_tokens):
+            break
+        ends.append(end)
+        blocks, new = blocks + nb, new + end - work.cached
+    return ends
