@@ -8,6 +8,9 @@ Per request (PAPER.md, two load paths):
   the DE buffer; after the layer, only the new tokens' KV goes back.
 A split plan does both for different blocks. A block that fails to read (missing, corrupt) ends
 the cached prefix there: the rest is computed, never a wrong token.
+Batches are packed FIFO by the compute quota (PAPER.md, Inside a PE); the request that crosses it
+is prefilled in block-aligned chunks, each later chunk pulling the earlier ones' KV from the DE
+buffer as on the DE read path.
 """
 
 from __future__ import annotations
