@@ -212,18 +212,25 @@ class Transport(ABC):
             raise InvalidInput(f"traffic class must be one of {CLASSES}, got {cls!r}")
         ops = list(ops)
         for op in ops:
-            check_bounds(op)
+            _check_bounds(op)
         what = f"{cls} {direction} of {len(ops)} pieces"
-        if self.inline and self.link is None:
-            try:
-                self._move(direction, ops)
-            except Exception as exc:  # reported by wait(), like a worker's failure
-                return Completion(what, error=exc)
-            return Completion(what)
+        if self.link is None and (started := self._begin(direction, ops, what)) is not None:
+            return started
         deadline = time.monotonic() + self.config.timeout_s
         cancel = threading.Event()
         future = self._workers[cls, direction].submit(self._run, direction, ops, cls, deadline, cancel)
         return Completion(what, future, cancel, deadline)
+
+    def _begin(self, direction: Direction, ops: list[TransferOp], what: str) -> Completion | None:
+        """Unshaped ops: start them from the caller's thread and return their completion, or None to
+        hand them to the worker of their class and direction. An `inline` backend moves them here."""
+        if not self.inline:
+            return None
+        try:
+            self._move(direction, ops)
+        except Exception as exc:  # reported by wait(), like a worker's failure
+            return Completion(what, error=exc)
+        return Completion(what)
 
     def _run(
         self,
@@ -268,7 +275,7 @@ def region_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1).view(torch.uint8)
 
 
-def check_bounds(op: TransferOp) -> None:
+def _check_bounds(op: TransferOp) -> None:
     if op.nbytes <= 0 or op.local_offset < 0 or op.remote_offset < 0:
         raise InvalidInput(f"a transfer needs a positive size and offsets >= 0: {op}")
     if op.local_offset + op.nbytes > op.local.nbytes or op.remote_offset + op.nbytes > op.remote.nbytes:

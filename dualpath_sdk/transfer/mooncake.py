@@ -37,7 +37,6 @@ from dualpath_sdk.config import TransferConfig
 from dualpath_sdk.errors import InvalidInput, TransferError
 from dualpath_sdk.store.aligned import aligned_empty
 from dualpath_sdk.transfer.base import (
-    CLASSES,
     Backend,
     Completion,
     Region,
@@ -45,11 +44,10 @@ from dualpath_sdk.transfer.base import (
     RemoteRegion,
     TransferOp,
     Transport,
-    check_bounds,
     check_name,
     region_tensor,
 )
-from dualpath_sdk.transfer.link import Direction, TrafficClass
+from dualpath_sdk.transfer.link import Direction
 from dualpath_sdk.transfer.local import process_start
 
 INSTALL_HINT = "pip install mooncake-transfer-engine-non-cuda (and apt-get install libibverbs1)"
@@ -242,17 +240,9 @@ class MooncakeTransport(Transport):
             raise InvalidInput(f"a {descriptor.backend} region cannot be attached by the mooncake transport")
         return RemoteRegion(descriptor)
 
-    def _submit(self, direction: Direction, ops: Sequence[TransferOp], cls: TrafficClass) -> Completion:
-        """Unshaped ops go to the engine from the caller's thread; on an emulated link, the base's
-        chunked path (whose workers call `_move`)."""
-        if self.link is not None:
-            return super()._submit(direction, ops, cls)
-        if cls not in CLASSES:
-            raise InvalidInput(f"traffic class must be one of {CLASSES}, got {cls!r}")
-        ops = list(ops)
-        for op in ops:
-            check_bounds(op)
-        what = f"{cls} {direction} of {len(ops)} pieces"
+    def _begin(self, direction: Direction, ops: list[TransferOp], what: str) -> Completion | None:
+        """Unshaped ops go to the engine from the caller's thread (on an emulated link the base's
+        workers send them chunk by chunk through `_move`)."""
         try:
             return self._launch(what, direction, ops)
         except TransferError as exc:
