@@ -67,6 +67,9 @@ class StoreConfig(_Config):
     capacity_bytes: int | None = Field(default=None, gt=0)
     read_threads: int = Field(default=16, gt=0)
     direct_io: bool = True
+    reserve_bytes: int = Field(
+        default=64 << 20, ge=0, description="free space block writes leave (manifests stay writable)"
+    )
     index_journal: Literal["WAL", "DELETE"] = "WAL"
     snic_read_bps: float | None = Field(default=None, gt=0)
     snic_write_bps: float | None = Field(default=None, gt=0)

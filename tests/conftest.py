@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +100,19 @@ def default_pair() -> Pair:
     ours = load_model()  # converts the packaged GGUF once into the cache
     ref = AutoModelForCausalLM.from_pretrained(ours.path, dtype=torch.float32).eval()
     return Pair(ours, ref, ours.path)
+
+
+@contextmanager
+def mounted_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` at `mount`: a file system that really fills up (or is remounted read-only);
+    skips the test where mounting is not allowed (it needs root)."""
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=700", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

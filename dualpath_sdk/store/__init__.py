@@ -26,6 +26,7 @@ def open_store(config: StoreConfig, node: str = "node0") -> BlockStore:
         config.direct_io,
         limiter=limiter,
         index_journal=config.index_journal,
+        reserve_bytes=config.reserve_bytes,
     )
 
 

@@ -5,8 +5,12 @@ a whole block moves in one preadv, with O_DIRECT where the file system allows it
 visible only when complete: written to tmp/, fsynced, renamed into blocks/<first key byte>/, that
 directory fsynced. The 256 shard directories are made (and made durable) once, when a store opens.
 Files are the truth for presence; the shared SQLite index (index.py) holds sizes, LRU order and
-pins. The index is written after the rename, so a crash in between leaves a block only eviction
+pins. Everything the store creates is owner-only (dualpath_sdk/fsutil.py: directories 0o700, files
+0o600). The index is written after the rename, so a crash in between leaves a block only eviction
 does not see; `_recover` re-adds such blocks when the index itself is lost.
+A block write that would leave the file system with less than `reserve_bytes` free is refused
+(StorageError, ENOSPC) before it starts: the headroom keeps session manifests and the index
+writable on a full disk, so steps go on (their blocks recomputed later) until space returns.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from dualpath_sdk.errors import InvalidInput, StorageError
+from dualpath_sdk.fsutil import PRIVATE_FILE, make_private_dirs
 from dualpath_sdk.kv.block import FullBlock, payload_checksum
 from dualpath_sdk.kv.keys import BlockKey
 from dualpath_sdk.store.aligned import ALIGN, aligned_empty, byte_view, round_up
@@ -49,16 +54,18 @@ class FsStore(BlockStore):
         limiter: StorageNicLimiter | None = None,
         index_journal: str = "WAL",
         clock: Clock = time.time,
+        reserve_bytes: int = 0,
     ) -> None:
         super().__init__(read_threads)
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
         self.limiter = limiter
+        self.reserve_bytes = reserve_bytes
         self._direct = direct_io and _O_DIRECT != 0
         self._tls = threading.local()
         self._host = socket.gethostname()
         for sub in ("tmp", "quarantine", *(f"blocks/{i:02x}" for i in range(256))):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            make_private_dirs(self.root / sub)
         _fsync_dir(self.root / "blocks")
         _fsync_dir(self.root)
         index_path = self.root / "index.sqlite"
@@ -82,12 +89,12 @@ class FsStore(BlockStore):
         """Open with O_DIRECT when asked and allowed; a file system that refuses it (tmpfs) turns it off."""
         if direct and self._direct:
             try:
-                return os.open(path, flags | _O_DIRECT, 0o644), True
+                return os.open(path, flags | _O_DIRECT, PRIVATE_FILE), True
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._direct = False
-        return os.open(path, flags, 0o644), False
+        return os.open(path, flags, PRIVATE_FILE), False
 
     # -- write --------------------------------------------------------------------------------------
     def put(self, key: BlockKey, parent_key: BlockKey | None, token_count: int, block: FullBlock) -> None:
@@ -100,6 +107,7 @@ class FsStore(BlockStore):
         file_bytes = HEADER_BYTES + round_up(nbytes)
         if self.capacity_bytes is not None:
             self._delete(self.index.take_victims(self.capacity_bytes, file_bytes, strict=True))
+        self._check_space(key, file_bytes)
         if self.limiter is not None:
             self.limiter.acquire_write(file_bytes)
         header = encode_header(
@@ -115,6 +123,16 @@ class FsStore(BlockStore):
             raise StorageError(f"writing block {key.hex()} to {self.root}: {exc}") from exc
         self.index.add(key, file_bytes)
         self.counters.add(bytes_written=nbytes)
+
+    def _check_space(self, key: BlockKey, file_bytes: int) -> None:
+        try:
+            st = os.statvfs(self.root)
+        except OSError as exc:
+            raise StorageError(f"writing block {key.hex()} to {self.root}: {exc}") from exc
+        free = st.f_bavail * st.f_frsize
+        if free - file_bytes < self.reserve_bytes:
+            cause = OSError(errno.ENOSPC, f"{free} bytes free, {self.reserve_bytes} kept in reserve")
+            raise StorageError(f"writing block {key.hex()} to {self.root}: {cause}") from cause
 
     def _write_file(self, tmp: Path, header: bytes, raw: torch.Tensor, file_bytes: int) -> None:
         nbytes = raw.numel()

@@ -5,7 +5,8 @@ that survives crashes. A small SQLite database (WAL journal) gives that: transac
 concurrent pin/evict/insert across processes, a killed process leaves no stale lock, and one
 indexed query picks the least-recently-used unpinned blocks. Pin files would need a directory scan
 per eviction and their own locking. SQLite's WAL needs shared memory between the processes, so the
-index belongs on a local disk (or `journal_mode="DELETE"` on a network file system).
+index belongs on a local disk (or `journal_mode="DELETE"` on a network file system). The database is
+created owner-only (0o600); SQLite gives its -wal, -shm and -journal files the database's mode.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dualpath_sdk.errors import StorageError
+from dualpath_sdk.fsutil import PRIVATE_FILE
 from dualpath_sdk.kv.keys import BlockKey
 
 Clock = Callable[[], float]
@@ -52,6 +54,10 @@ class BlockIndex:
     def _db(self) -> sqlite3.Connection:
         """The connection of this process: a forked child must not reuse its parent's."""
         if self._conn is None or self._pid != os.getpid():
+            try:  # create it owner-only: sqlite3 would make it 0o644 (less the umask)
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE))
+            except OSError as exc:
+                raise StorageError(f"block index {self.path}: {exc}") from exc
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
             conn.execute(f"PRAGMA journal_mode={self.journal_mode}")
             conn.execute("PRAGMA synchronous=NORMAL")

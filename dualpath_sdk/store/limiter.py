@@ -3,7 +3,8 @@
 In the paper every node has one storage NIC, and the PE nodes' SNICs are the bottleneck. On one
 machine we reproduce that by giving each simulated node a token bucket that every engine process of
 that node shares: the bucket lives in a small file under /dev/shm, mmap'd by each process, and one
-flock serialises its updates. Reads and writes have separate buckets (a NIC is full duplex).
+flock serialises its updates; the file is owner-only (0o600). Reads and writes have separate
+buckets (a NIC is full duplex).
 
 A request reserves its bytes at once and sleeps off any debt, so the granted rate over any window
 is the set rate plus at most one burst, whatever the request sizes.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dualpath_sdk.errors import InvalidInput
+from dualpath_sdk.fsutil import PRIVATE_FILE
 
 # Per direction: rate (bytes/s), tokens (bytes, may go negative = debt), last refill time, and the
 # bytes granted since the file was made (capped or not: what the node's NIC has moved).
@@ -33,7 +35,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 def open_node_state(path: Path, size: int, init: Callable[[mmap.mmap], None]) -> tuple[int, mmap.mmap]:
     """Open (creating) a state file that every process of a node maps, and run `init` on it under
     the file's lock. The emulated NICs (this limiter, transfer's PriorityLink) keep their buckets here."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if os.fstat(fd).st_size < size:

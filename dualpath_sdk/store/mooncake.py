@@ -21,6 +21,7 @@ import torch
 
 from dualpath_sdk.config import MooncakeConfig
 from dualpath_sdk.errors import InvalidInput, StorageError
+from dualpath_sdk.fsutil import make_private_dirs
 from dualpath_sdk.kv.block import FullBlock, payload_checksum
 from dualpath_sdk.kv.keys import BlockKey
 from dualpath_sdk.store.aligned import aligned_empty, byte_view
@@ -75,7 +76,7 @@ class MooncakeStore(BlockStore):
         )
         if rc != 0:
             raise StorageError(f"mooncake setup against master {config.master_address} failed: {rc}")
-        Path(index_dir).mkdir(parents=True, exist_ok=True)
+        make_private_dirs(Path(index_dir))
         self.index = BlockIndex(Path(index_dir) / "index.sqlite", clock)
         self._tls = threading.local()
 

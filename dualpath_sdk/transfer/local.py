@@ -1,8 +1,9 @@
 """The `local` transport: shared-memory regions between the processes of one host.
 
-A region is a file under /dev/shm that its owner creates and every attaching peer mmaps, all of
-them seeing the same pages through a uint8 tensor (torch.frombuffer). A write is one memcpy from the
-writer's region straight into the peer's mapped pages: no intermediate buffer, no owner involvement.
+A region is a file under /dev/shm that its owner creates (owner-only, 0o600) and every attaching
+peer mmaps, all of them seeing the same pages through a uint8 tensor (torch.frombuffer). A write is
+one memcpy from the writer's region straight into the peer's mapped pages: no intermediate buffer,
+no owner involvement.
 Shared pages outlive their owner, so a dead peer would not fault a write: every move checks that
 the owner is alive (a pidfd, opened at attach after checking the pid's start time against reuse)
 and has not closed (unlinked) the region. Without link emulation a move runs in the caller's thread.
@@ -26,6 +27,7 @@ import torch
 
 from dualpath_sdk.config import TransferConfig
 from dualpath_sdk.errors import InvalidInput, TransferError
+from dualpath_sdk.fsutil import PRIVATE_FILE
 from dualpath_sdk.transfer.base import (
     Backend,
     Region,
@@ -55,7 +57,7 @@ class _Mapping:
 
     def __init__(self, path: Path, nbytes: int, create: bool) -> None:
         flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        self.fd = os.open(path, flags, 0o600)
+        self.fd = os.open(path, flags, PRIVATE_FILE)
         try:
             if create:
                 os.ftruncate(self.fd, nbytes)
