@@ -1,4 +1,12 @@
-"""One exception tree: callers catch by kind, never by message."""
+"""One exception tree: callers catch by kind, never by message.
+
+An error raised inside an engine process crosses the control channel as its kind (the class name)
+and its message, and is raised again as the same class on the caller's side (`from_wire`), as
+openai's `_make_status_error` maps a status back to its class. Only `EngineUnavailable` and
+`TransferError` (an engine died, a peer vanished mid-transfer) are worth retrying elsewhere.
+"""
+
+from __future__ import annotations
 
 
 class DualPathError(Exception):
@@ -10,7 +18,7 @@ class InvalidInput(DualPathError, ValueError):
 
 
 class ContextTooLong(InvalidInput):
-    """The prompt plus max_tokens does not fit the model's context window."""
+    """The prompt plus max_tokens does not fit the model's context window or the engines' memory."""
 
 
 class SessionNotFound(DualPathError, KeyError):
@@ -18,11 +26,16 @@ class SessionNotFound(DualPathError, KeyError):
 
 
 class SessionBusy(DualPathError):
-    """The session is already running a step; steps of one session are sequential."""
+    """Another step of the session is running (here or in another process), or another handle has
+    advanced the session since this one loaded it: steps of one session are sequential."""
 
 
 class EngineUnavailable(DualPathError):
-    """No healthy engine could serve the request."""
+    """No healthy engine could serve the request (engines died, or the cluster is closed)."""
+
+
+class StepTimeout(DualPathError, TimeoutError):
+    """A step made no progress for longer than the caller would wait; it was cancelled."""
 
 
 class StorageError(DualPathError, OSError):
@@ -39,3 +52,23 @@ class BufferTimeout(DualPathError, TimeoutError):
 
 class TransferError(DualPathError):
     """A one-sided transfer failed or timed out (peer gone, region closed, link wait too long)."""
+
+
+RETRYABLE = frozenset({"EngineUnavailable", "TransferError"})
+
+
+def _kinds(base: type[DualPathError]) -> dict[str, type[DualPathError]]:
+    found = {base.__name__: base}
+    for sub in base.__subclasses__():
+        found.update(_kinds(sub))
+    return found
+
+
+def kind_of(exc: BaseException) -> str:
+    """The wire name of `exc`: its class for ours; "DualPathError" for anything else (a bug)."""
+    return type(exc).__name__ if isinstance(exc, DualPathError) else "DualPathError"
+
+
+def from_wire(kind: str, message: str) -> DualPathError:
+    """The exception a wire error stands for; an unknown kind becomes the base class."""
+    return _kinds(DualPathError).get(kind, DualPathError)(message)

@@ -7,12 +7,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dualpath_sdk.api.inputs import StepOptions, TokenTurn, turn_messages, validated
 from dualpath_sdk.cluster.controller import PlanChoice, StepOutcome, StepRequest
 from dualpath_sdk.engine.sequence import SamplingParams
 from dualpath_sdk.errors import ContextTooLong, InvalidInput, SessionBusy
 from dualpath_sdk.kv.keys import block_keys
 from dualpath_sdk.model.chat import continuation_ids, encode_chat
-from dualpath_sdk.store.manifest import SessionManifest
+from dualpath_sdk.store.manifest import Lease, SessionManifest
 
 if TYPE_CHECKING:
     from dualpath_sdk.api.cluster import Cluster
@@ -35,6 +36,12 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Persist:
+    blocks: int  # Full Blocks of this step written to the store
+    failed: int  # ... that failed to persist (counted and logged; the next turn recomputes them)
+
+
+@dataclass(frozen=True)
 class Timings:
     queue_s: float
     read_s: float
@@ -51,6 +58,7 @@ class StepResult:
     finish_reason: str
     usage: Usage
     load: Load
+    persist: Persist
     timings: Timings
 
 
@@ -61,12 +69,14 @@ class StepChunk:
 
 
 class Session:
-    """Steps run one at a time (SessionBusy otherwise); a failed step leaves the session as it was."""
+    """Steps run one at a time, across handles and processes (SessionBusy otherwise); a failed step
+    leaves the session as it was. After `close()` (or the cluster's) steps raise InvalidInput."""
 
     def __init__(self, cluster: Cluster, manifest: SessionManifest) -> None:
         self._cluster = cluster
         self._manifest = manifest
         self._busy = threading.Lock()
+        self._closed = False
 
     @property
     def id(self) -> str:
@@ -82,135 +92,149 @@ class Session:
 
     # ---- steps ------------------------------------------------------------------------------
 
-    def step(self, turn: str | Message | Sequence[Message], **sampling: Any) -> StepResult:
+    def step(self, turn: str | Message | Sequence[Message], **options: Any) -> StepResult:
         """One turn: a user string, a message, or a list of messages (tool results, ...).
 
         Keywords: max_tokens, temperature, top_p, seed, stop_token_ids, ignore_eos, read_plan.
         """
-        chunks = list(self._run(self._chat_ids(turn), _messages(turn), **sampling))
-        return chunks[-1]  # type: ignore[return-value]
+        return _last(self._chat(turn, options))
 
-    def step_tokens(self, token_ids: Sequence[int], **sampling: Any) -> StepResult:
+    def step_tokens(self, token_ids: Sequence[int], **options: Any) -> StepResult:
         """One turn given as raw token ids appended to the session's tokens (no chat template)."""
-        if not token_ids:
-            raise InvalidInput("a step needs at least one new token")
-        return list(self._run(list(token_ids), None, **sampling))[-1]  # type: ignore[return-value]
+        ids = validated(TokenTurn, "step_tokens", {"token_ids": token_ids}).token_ids
+        return _last(self._run(ids, None, validated(StepOptions, "step options", options)))
 
-    def stream(self, turn: str | Message | Sequence[Message], **sampling: Any) -> Iterator[StepChunk]:
+    def stream(self, turn: str | Message | Sequence[Message], **options: Any) -> Iterator[StepChunk]:
         """Like step, yielding text as it is generated."""
-        for item in self._run(self._chat_ids(turn), _messages(turn), **sampling):
+        for item in self._chat(turn, options):
             if isinstance(item, StepChunk):
                 yield item
 
     def fork(self) -> Session:
         """A new session that shares every cached block of this one."""
+        self._check_open()
         return Session(self._cluster, self._cluster.manifests.fork(self.id, blocks=self._cluster.store))
 
     def close(self) -> None:
-        """Drop the session's pin on its blocks (they become evictable); the manifest stays."""
-        self._cluster.store.unpin(self.id)
+        """Drop the session's pin on its blocks (they become evictable); the manifest stays, so the
+        session can be resumed. This handle refuses further steps."""
+        if not self._closed:
+            self._closed = True
+            self._cluster.store.unpin(self.id)
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _chat_ids(self, turn: str | Message | Sequence[Message]) -> list[int]:
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InvalidInput(f"session {self.id} is closed")
+        self._cluster.check_open()
+
+    def _chat(self, turn: object, options: Mapping[str, Any]) -> Iterator[StepChunk | StepResult]:
+        """Validate a chat turn and its options, render only its new tokens, and run the step."""
+        new = turn_messages(turn)
+        opts = validated(StepOptions, "step options", options)
+        self._check_open()
+        return self._run(self._chat_ids(new), new, opts)
+
+    def _chat_ids(self, new: list[dict[str, Any]]) -> list[int]:
         tokenizer = self._cluster.tokenizer
         if tokenizer is None:
             raise InvalidInput("the model has no tokenizer: use step_tokens")
-        new = _messages(turn)
         history = self._manifest.messages
         if not self._manifest.token_ids:
             return encode_chat(tokenizer, [*history, *new])
+        if not history or history[-1].get("role") != "assistant":
+            raise InvalidInput("this session was stepped with raw token ids: continue it with step_tokens")
         ended_with_stop = self._manifest.token_ids[-1] == tokenizer.eos_token_id
         return continuation_ids(tokenizer, history, new, ended_with_stop)
 
     def _run(
-        self,
-        new_ids: list[int],
-        new_messages: list[dict[str, Any]] | None,
-        max_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-        read_plan: PlanChoice | None = None,
+        self, new_ids: list[int], new_messages: list[dict[str, Any]] | None, options: StepOptions
     ) -> Iterator[StepChunk | StepResult]:
-        """`read_plan` forces this step's read side ("pe", "de", "split"); by default the cluster's."""
-        params = SamplingParams(
-            max_tokens,
-            temperature,
-            top_p,
-            seed,
-            tuple(stop_token_ids) if stop_token_ids else None,
-            ignore_eos,
-        )
+        """Check the step against the model and the cluster, then return its (lazy) run.
+
+        `options.read_plan` forces this step's read side ("pe", "de", "split"); by default the
+        cluster's."""
+        self._check_open()
+        params = options.sampling()
         cluster = self._cluster
         prompt = [*self._manifest.token_ids, *new_ids]
         vocab = cluster.vocab_size
-        if min(new_ids) < 0 or max(new_ids) >= vocab:
+        if max(new_ids) >= vocab or any(t >= vocab for t in params.stop_token_ids or ()):
             raise InvalidInput(f"token ids must be in [0, {vocab})")
-        if len(prompt) + max_tokens > cluster.max_context:
+        if len(prompt) + params.max_tokens > cluster.max_context:
             raise ContextTooLong(
-                f"{len(prompt)} prompt tokens + max_tokens {max_tokens} "
+                f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} "
                 f"exceed the context of {cluster.max_context}"
             )
-        plan = read_plan or cluster.config.read_plan
-        if plan not in ("auto", "pe", "de", "split"):
-            raise InvalidInput(f"read_plan must be auto, pe, de or split, not {plan!r}")
+        plan = options.read_plan or cluster.config.read_plan
         if cluster.config.mode == "basic" and plan in ("de", "split"):
             raise InvalidInput("a basic-mode cluster reads on the PE side only")
+        return self._steps(prompt, new_messages, params, plan)
+
+    def _steps(
+        self,
+        prompt: list[int],
+        new_messages: list[dict[str, Any]] | None,
+        params: SamplingParams,
+        plan: PlanChoice,
+    ) -> Iterator[StepChunk | StepResult]:
+        """One step under this handle's lock and the session's lease (across handles and processes)."""
         if not self._busy.acquire(blocking=False):
             raise SessionBusy(f"session {self.id} is already running a step")
         try:
-            bs = cluster.block_size
-            root = cluster.root_key(self._manifest.tenant)
-            keys = block_keys(root, prompt[: (len(prompt) - 1) // bs * bs], bs)
-            if cluster.config.mode == "oracle":  # nothing is stored: count the history as cached
-                cached = min(len(keys), len(self._manifest.token_ids) // bs)
-            else:
-                cached = cluster.store.longest_prefix(keys)
-            request = StepRequest(prompt, params, self._manifest.tenant, keys[:cached], plan)
-            generated: list[int] = []
-            outcome: StepOutcome | None = None
-            for kind, payload in cluster.run(request):
-                if kind == "tokens":
-                    assert isinstance(payload, list)
-                    generated += payload
-                    yield StepChunk(cluster.decode(payload), payload)
-                else:
-                    assert isinstance(payload, StepOutcome)
-                    outcome = payload
-            assert outcome is not None
-            text = cluster.decode(generated)
-            messages = list(self._manifest.messages)
-            if new_messages is not None:
-                messages += [*new_messages, {"role": "assistant", "content": text}]
-            tokens = [*prompt, *generated]
-            all_keys = block_keys(root, tokens, bs)
-            self._manifest = cluster.manifests.save(
-                self._manifest.model_copy(
-                    update={
-                        "token_ids": tokens,
-                        "messages": messages,
-                        "block_keys": [k.hex() for k in all_keys],
-                    }
-                )
-            )
-            cluster.store.pin(self.id, all_keys, self._manifest.ttl_s)
-            yield _result(text, generated, prompt, outcome)
+            with self._cluster.manifests.lease(self.id) as lease:
+                lease.check(self._manifest)  # SessionBusy if another handle advanced it
+                yield from self._step(lease, prompt, new_messages, params, plan)
         finally:
             self._busy.release()
 
+    def _step(
+        self,
+        lease: Lease,
+        prompt: list[int],
+        new_messages: list[dict[str, Any]] | None,
+        params: SamplingParams,
+        plan: PlanChoice,
+    ) -> Iterator[StepChunk | StepResult]:
+        cluster = self._cluster
+        bs = cluster.block_size
+        root = cluster.root_key(self._manifest.tenant)
+        keys = block_keys(root, prompt[: (len(prompt) - 1) // bs * bs], bs)
+        if cluster.config.mode == "oracle":  # nothing is stored: count the history as cached
+            cached = min(len(keys), len(self._manifest.token_ids) // bs)
+        else:
+            cached = cluster.store.longest_prefix(keys)
+        request = StepRequest(prompt, params, self._manifest.tenant, keys[:cached], plan)
+        generated: list[int] = []
+        outcome: StepOutcome | None = None
+        for event in cluster.run(request):
+            if isinstance(event, StepOutcome):
+                outcome = event
+            else:
+                generated += event
+                yield StepChunk(cluster.decode(event), event)
+        assert outcome is not None
+        text = cluster.decode(generated)
+        messages = list(self._manifest.messages)
+        if new_messages is not None:
+            messages += [*new_messages, {"role": "assistant", "content": text}]
+        tokens = [*prompt, *generated]
+        all_keys = block_keys(root, tokens, bs)
+        self._manifest = lease.save(
+            self._manifest.model_copy(
+                update={"token_ids": tokens, "messages": messages, "block_keys": [k.hex() for k in all_keys]}
+            )
+        )
+        cluster.pin(self.id, all_keys, self._manifest.ttl_s)
+        yield _result(text, generated, prompt, outcome)
 
-def _messages(turn: str | Message | Sequence[Message]) -> list[dict[str, Any]]:
-    if isinstance(turn, str):
-        return [{"role": "user", "content": turn}]
-    if isinstance(turn, Mapping):
-        return [dict(turn)]
-    messages = [dict(m) for m in turn]
-    if not messages or not all("role" in m for m in messages):
-        raise InvalidInput("a turn is a string, a message with a role, or a non-empty list of them")
-    return messages
+
+def _last(items: Iterator[StepChunk | StepResult]) -> StepResult:
+    """Run a step to its end: its last item is the result."""
+    *_, result = items
+    assert isinstance(result, StepResult)
+    return result
 
 
 def _result(text: str, generated: list[int], prompt: list[int], o: StepOutcome) -> StepResult:
@@ -221,5 +245,6 @@ def _result(text: str, generated: list[int], prompt: list[int], o: StepOutcome) 
         finish_reason=o.finish_reason,
         usage=Usage(len(prompt), o.num_cached, len(generated)),
         load=Load(o.plan, o.bytes_pe, o.bytes_de),
+        persist=Persist(o.persisted, o.persist_failed),
         timings=Timings(o.queue_s, o.read_s, o.prefill_s, o.ttft_s, o.decode_s, tpot),
     )

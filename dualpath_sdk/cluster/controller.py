@@ -4,8 +4,10 @@ state machine of one step across a PE and a DE.
 submit -> (a PE fetches; scheduler/ picks the PE, the DE and the read plan from the engines'
 reports) -> Admit to the DE + Prefill to the PE -> Admitted (DE read done) -> DeSlots to the PE ->
 Prefilled (first token) -> Decode to the DE -> Tokens ... -> Finished.
-A request whose engine dies (or fails it) before any token reached the caller is retried on
-healthy engines; otherwise the caller gets EngineUnavailable.
+A request whose engine dies, or whose transfer fails, before any token reached the caller is
+retried on healthy engines; otherwise the caller gets EngineUnavailable. Any other error an engine
+reports (bad input, a context too long for its memory, the store) reaches the caller at once, as
+its own class: the engine goes on serving every other request.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, Listener
 from typing import Literal
 
+from dualpath_sdk.cluster.metrics import Metrics
 from dualpath_sdk.config import ClusterConfig
 from dualpath_sdk.engine.messages import (
     Admit,
@@ -39,7 +42,7 @@ from dualpath_sdk.engine.messages import (
     Tokens,
 )
 from dualpath_sdk.engine.sequence import SamplingParams
-from dualpath_sdk.errors import EngineUnavailable
+from dualpath_sdk.errors import RETRYABLE, DualPathError, EngineUnavailable, from_wire
 from dualpath_sdk.scheduler import (
     NO_READ,
     EngineReport,
@@ -76,11 +79,16 @@ class StepOutcome:
     bytes_pe: int
     bytes_de: int
     persisted: int
+    persist_failed: int
+    retries: int
     queue_s: float
     read_s: float
     prefill_s: float
     ttft_s: float
     decode_s: float
+
+
+Event = list[int] | StepOutcome | DualPathError  # tokens as they come, then how the step ended
 
 
 @dataclass
@@ -97,7 +105,7 @@ class _Engine:
 class _Step:
     req_id: str
     request: StepRequest
-    events: queue.Queue[tuple[str, object]]
+    events: queue.Queue[Event]
     submitted: float = field(default_factory=time.perf_counter)
     attempts: int = 0
     pe: str | None = None
@@ -125,13 +133,16 @@ class Controller:
         self.steps: dict[str, _Step] = {}
         self._ids = itertools.count()
         self._closed = False
+        self.metrics = Metrics()
         threading.Thread(target=self._accept, name="controller-accept", daemon=True).start()
 
     # ---- the caller's side --------------------------------------------------------------------
 
-    def submit(self, request: StepRequest) -> tuple[str, queue.Queue[tuple[str, object]]]:
-        """Queue a step. Events: ("tokens", list[int]), then ("done", StepOutcome) or ("error", exc)."""
+    def submit(self, request: StepRequest) -> tuple[str, queue.Queue[Event]]:
+        """Queue a step. Events: token lists as they come, then a StepOutcome or the error."""
         with self.lock:
+            if self._closed:
+                raise EngineUnavailable("the cluster is closed")
             step = _Step(f"r{next(self._ids)}", request, queue.Queue())
             self.steps[step.req_id] = step
             self.queue.append(step)
@@ -173,8 +184,12 @@ class Controller:
             return {eid: e.last_seen for eid, e in self.engines.items() if e.alive}
 
     def close(self) -> None:
+        """Fail every unfinished step at once, and say goodbye to the engines."""
         with self.lock:
             self._closed = True
+            self.queue.clear()
+            for step in list(self.steps.values()):
+                self._fail(step, EngineUnavailable("the cluster closed while the step ran"))
             for engine in self.engines.values():
                 if engine.alive:
                     with contextlib.suppress(OSError):
@@ -248,7 +263,7 @@ class Controller:
             step.prefilled = message
             step.first_token_at = time.perf_counter()
             step.streamed = True
-            step.events.put(("tokens", [message.first_token]))
+            step.events.put([message.first_token])
             request = step.request
             tokens = [*request.token_ids, message.first_token]
             stored = message.num_cached // self.block_size
@@ -257,12 +272,19 @@ class Controller:
             )
             self._send(step.de, decode)
         elif isinstance(message, Tokens):
-            step.events.put(("tokens", message.tokens))
+            step.events.put(message.tokens)
         elif isinstance(message, Finished):
             del self.steps[step.req_id]
-            step.events.put(("done", self._outcome(step, message)))
+            self.metrics.steps.labels("ok").inc()
+            self.metrics.persisted.inc(message.persisted)
+            self.metrics.persist_failed.inc(message.persist_failed)
+            step.events.put(self._outcome(step, message))
         elif isinstance(message, Failed):
-            self._retry_or_fail(step, message.error)
+            if message.kind in RETRYABLE:
+                self._retry_or_fail(step, message.error)
+            else:
+                self._cancel_on_engines(step)
+                self._fail(step, from_wire(message.kind, message.error))
 
     def _dispatch(self) -> None:
         """Hand queued steps to fetching PEs in global FIFO order, through the paper's scheduler:
@@ -390,13 +412,18 @@ class Controller:
     def _retry_or_fail(self, step: _Step, why: str) -> None:
         self._cancel_on_engines(step)
         step.attempts += 1
-        if not step.streamed and step.attempts < MAX_ATTEMPTS:
+        if not step.streamed and step.attempts < MAX_ATTEMPTS and not self._closed:
             step.pe = step.de = step.prefilled = None
+            self.metrics.retries.inc()
             self.queue.appendleft(step)
             self._dispatch()
             return
+        self._fail(step, EngineUnavailable(f"step failed: {why}"))
+
+    def _fail(self, step: _Step, error: DualPathError) -> None:
         self.steps.pop(step.req_id, None)
-        step.events.put(("error", EngineUnavailable(f"step failed: {why}")))
+        self.metrics.steps.labels(type(error).__name__).inc()
+        step.events.put(error)
 
     def _cancel_on_engines(self, step: _Step) -> None:
         for engine_id in (step.pe, step.de):
@@ -414,6 +441,8 @@ class Controller:
             bytes_pe=p.bytes_pe,
             bytes_de=p.bytes_de,
             persisted=finished.persisted,
+            persist_failed=finished.persist_failed,
+            retries=step.attempts,
             queue_s=step.dispatched - step.submitted,
             read_s=max(p.read_s, step.de_read_s),
             prefill_s=p.prefill_s,

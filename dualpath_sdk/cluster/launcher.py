@@ -1,21 +1,44 @@
-"""Local engine processes: spawn one per PE/DE node, watch their health, respawn the dead."""
+"""Local engine processes: start one per PE/DE node, watch their health, respawn the dead.
+
+Each engine is `python -m dualpath_sdk.engine`, a fresh interpreter: unlike a multiprocessing spawn
+it never re-imports the user's `__main__`, so a cluster starts from a script without a main guard,
+`python -c`, a script on stdin, a REPL or a notebook kernel. Its spec and the control channel's
+authkey reach it as one pickle on its stdin. Its stderr comes back through a pipe: each line is
+forwarded to ours, prefixed with the engine's id, and the last lines are kept, so that an engine
+that fails to start says why in the EngineUnavailable raised here.
+"""
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
+import os
+import pickle
+import queue
 import secrets
+import site
+import subprocess
+import sys
 import threading
 import time
-from multiprocessing.process import BaseProcess
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import IO, TypeVar
 
+import dualpath_sdk
 from dualpath_sdk.cluster.controller import Controller
 from dualpath_sdk.config import ClusterConfig
 from dualpath_sdk.engine.messages import Role
-from dualpath_sdk.engine.process import HEARTBEAT_S, EngineSpec, engine_main
+from dualpath_sdk.engine.process import HEARTBEAT_S, EngineSpec
 from dualpath_sdk.errors import EngineUnavailable
 
 DEAD_AFTER_S = 10 * HEARTBEAT_S  # no heartbeat for this long: the engine is hung
+STDERR_LINES = 50  # kept per engine, for the message of a failed start
+ERROR_LINES = 12  # of those, in that message
+CLOSE_WAIT_S = 10.0  # for the engines to take their goodbye, all together, before they are killed
+
+T = TypeVar("T")
 
 
 class LocalLauncher:
@@ -25,19 +48,23 @@ class LocalLauncher:
         # node names key the nodes' shared NIC state (/dev/shm): another cluster must not share it
         self.tag = secrets.token_hex(4)
         self.controller = Controller(self._authkey, config)
-        self._ctx = multiprocessing.get_context("spawn")
         self.specs = [self._spec(f"pe{i}", "pe", model_path) for i in range(config.prefill_nodes)]
         self.specs += [self._spec(f"de{i}", "de", model_path) for i in range(config.decode_nodes)]
-        self.processes: dict[str, BaseProcess] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.stderr_tail: dict[str, deque[str]] = {}  # the last lines of each engine's current process
+        self._readers: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()  # starts against close
         self._closing = threading.Event()
-        for spec in self.specs:
-            self._start(spec)
+        self._stopped = threading.Event()  # the health check's end, once the engines are gone
+        self._spawner = _Spawner()
+        self._health = threading.Thread(target=self._watch, name="engine-health", daemon=True)
         try:
+            for spec in self.specs:
+                self._start(spec)
             self._wait_for_start(config.startup_timeout_s)
         except BaseException:
             self.close()
             raise
-        self._health = threading.Thread(target=self._watch, name="engine-health", daemon=True)
         self._health.start()
 
     def _wait_for_start(self, timeout: float) -> None:
@@ -47,10 +74,34 @@ class LocalLauncher:
                 self.controller.wait_for_engines(len(self.specs), timeout=1.0)
                 return
             except EngineUnavailable:
-                exited = [eid for eid, p in self.processes.items() if p.exitcode is not None]
-                if exited or time.monotonic() > deadline:
-                    why = f"engine processes {exited} exited while starting" if exited else "start timed out"
-                    raise EngineUnavailable(f"the cluster did not start: {why}") from None
+                exited = [eid for eid, p in self.processes.items() if p.poll() is not None]
+                if exited:
+                    codes = ", ".join(f"{eid} (exit code {self.processes[eid].returncode})" for eid in exited)
+                    raise EngineUnavailable(
+                        f"the cluster did not start: engine processes exited while starting: {codes}"
+                        + self._last_lines(exited)
+                    ) from None
+                if time.monotonic() > deadline:
+                    started = self.controller.last_seen()
+                    waiting = [eid for eid in self.processes if eid not in started]
+                    raise EngineUnavailable(
+                        f"the cluster did not start: start timed out after {timeout} s, "
+                        f"waiting for {', '.join(waiting) or 'no engine'}" + self._last_lines(waiting)
+                    ) from None
+
+    def _last_lines(self, engine_ids: list[str]) -> str:
+        """What those engines last wrote to stderr (a traceback's end says why a start failed)."""
+        tails: dict[tuple[str, ...], list[str]] = {}  # engines that failed alike are told once
+        for eid in engine_ids:
+            reader = self._readers.get(eid)
+            if reader is not None and self.processes[eid].poll() is not None:
+                reader.join(2.0)  # an exited engine: read its pipe to the end
+            tails.setdefault(tuple(self.stderr_tail.get(eid, ()))[-ERROR_LINES:], []).append(eid)
+        return "".join(
+            f"\n--- the last lines of {' and '.join(eids)} on stderr:\n" + "\n".join(lines)
+            for lines, eids in tails.items()
+            if lines
+        )
 
     def _spec(self, engine_id: str, role: Role, model_path: str | None) -> EngineSpec:
         c = self.config
@@ -69,39 +120,62 @@ class LocalLauncher:
         )
 
     def _start(self, spec: EngineSpec) -> None:
-        process = self._ctx.Process(
-            target=engine_main,
-            args=(spec, self.controller.address, self._authkey),
-            name=f"dualpath-{spec.engine_id}",
-            daemon=True,
-        )
-        process.start()
-        self.processes[spec.engine_id] = process
+        with self._lock:
+            if self._closing.is_set():
+                return
+            process = self._spawner.call(
+                lambda: subprocess.Popen(
+                    [sys.executable, "-m", "dualpath_sdk.engine", spec.engine_id],  # the id: for `ps`
+                    stdin=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=_child_env(spec),
+                    close_fds=True,
+                )
+            )
+            self.processes[spec.engine_id] = process
+            tail: deque[str] = deque(maxlen=STDERR_LINES)
+            self.stderr_tail[spec.engine_id] = tail
+            assert process.stdin is not None and process.stderr is not None
+            reader = threading.Thread(
+                target=_forward_stderr,
+                args=(process.stderr, f"[{spec.engine_id}] ", tail),
+                name=f"engine-stderr-{spec.engine_id}",
+                daemon=True,
+            )
+            reader.start()
+            self._readers[spec.engine_id] = reader
+            message = (os.getpid(), spec, self.controller.address, self._authkey)
+            with contextlib.suppress(OSError):  # it died at once: the start or the health check sees it
+                process.stdin.write(pickle.dumps(message))
+            with contextlib.suppress(OSError):
+                process.stdin.close()
 
     def _watch(self) -> None:
         """Dead (exited, or silent for DEAD_AFTER_S): retry or fail its steps, then respawn it."""
-        while not self._closing.wait(HEARTBEAT_S):
+        while not self._stopped.wait(HEARTBEAT_S):
+            if self._closing.is_set():
+                continue  # the engines are leaving: no respawns, but this thread outlives them
             seen = self.controller.last_seen()
             now = time.monotonic()
             for spec in self.specs:
                 process = self.processes[spec.engine_id]
+                running = process.poll() is None
                 silent = spec.engine_id in seen and now - seen[spec.engine_id] > DEAD_AFTER_S
-                if process.is_alive() and not silent:
+                if running and not silent:
                     continue
-                if spec.engine_id not in seen and process.is_alive():
+                if spec.engine_id not in seen and running:
                     continue  # still starting
                 self.controller.engine_died(spec.engine_id)
-                if process.is_alive():
-                    process.kill()
-                process.join(5)
-                if not self._closing.is_set():
-                    self._start(spec)
+                process.kill()  # a no-op once it exited
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(5)
+                self._start(spec)
+                self.controller.metrics.engine_restarts.labels(spec.engine_id).inc()
 
     def kill(self, engine_id: str) -> int:
         """SIGKILL one engine process (failure tests); returns its pid."""
         process = self.processes[engine_id]
         process.kill()
-        assert process.pid is not None
         return process.pid
 
     @property
@@ -109,14 +183,78 @@ class LocalLauncher:
         return sorted({spec.node for spec in self.specs})
 
     def close(self) -> None:
-        self._closing.set()
-        self.controller.close()
+        with self._lock:
+            self._closing.set()
+        self.controller.close()  # its goodbye ends each engine's loop
+        deadline = time.monotonic() + CLOSE_WAIT_S
         for process in self.processes.values():
-            process.join(10)
-            if process.is_alive():
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
                 process.kill()
-                process.join(5)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(5)
+        # only now: the engines were started from these threads, and die with them (PR_SET_PDEATHSIG)
+        self._stopped.set()
+        if self._health.is_alive():
+            self._health.join(5)
+        self._spawner.stop()
+        for reader in self._readers.values():
+            reader.join(1.0)  # the engines' last words reach our stderr
         for directory in {Path("/dev/shm"), self.config.transfer.shm_dir}:
             for node in self.nodes:  # the nodes' emulated NIC state (storage limiter, link)
                 for path in directory.glob(f"dualpath-*-{node}"):
                     path.unlink(missing_ok=True)
+
+
+class _Spawner:
+    """Starts every engine process from one thread that lives as long as the launcher.
+
+    The kernel sends an engine its death signal (PR_SET_PDEATHSIG) when the *thread* that started
+    it ends, and a caller's thread (a pool's worker, say) may end long before the cluster does."""
+
+    def __init__(self) -> None:
+        self._calls: queue.Queue[tuple[Callable[[], object], Future[object]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="engine-spawner", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        future: Future[object] = Future()
+        self._calls.put((fn, future))
+        return future.result()  # type: ignore[return-value]
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def stop(self) -> None:
+        self._calls.put(None)
+        self._thread.join(5)
+
+
+def _child_env(spec: EngineSpec) -> dict[str, str]:
+    """Ours, with the engine's thread budget for OpenMP/MKL, and this very package importable."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec.threads)
+    root = str(Path(dualpath_sdk.__file__).resolve().parent.parent)
+    site_dirs = {str(Path(d).resolve()) for d in [*site.getsitepackages(), site.getusersitepackages()]}
+    if root not in site_dirs:  # found through sys.path or the working directory, which `-m` may lack
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def _forward_stderr(pipe: IO[bytes], prefix: str, tail: deque[str]) -> None:
+    """Copy an engine's stderr to ours line by line, prefixed; keep its last lines."""
+    with pipe:
+        for raw in iter(pipe.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            tail.append(line)
+            try:
+                sys.stderr.write(prefix + line + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # our stderr is closed or absent: keep draining the pipe, or the engine blocks

@@ -30,6 +30,12 @@ from dualpath_sdk.model.attention import AttentionBatch, SeqSlice
 from dualpath_sdk.model.loader import Model
 
 
+def check_token_ids(token_ids: Seq[int], vocab_size: int) -> None:
+    """InvalidInput unless every id is an int in [0, vocab_size)."""
+    if not all(type(t) is int and 0 <= t < vocab_size for t in token_ids):
+        raise InvalidInput(f"token ids must be ints in [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class Completion:
     prompt_ids: list[int]
@@ -68,11 +74,10 @@ class EngineCore:
     ) -> Sequence:
         """Queue a request. `prefix` supplies the KV of its first blocks (else reused or computed)."""
         params = params or SamplingParams()
+        params.check()
         if not prompt_ids:
             raise InvalidInput("the prompt is empty")
-        vocab = self.model.spec.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise InvalidInput(f"token ids must be in [0, {vocab})")
+        check_token_ids(prompt_ids, self.model.spec.vocab_size)
         limit = self.model.spec.max_position
         if len(prompt_ids) + params.max_tokens > limit:
             raise ContextTooLong(
@@ -100,9 +105,12 @@ class EngineCore:
 
     # ---- the loop --------------------------------------------------------------------------
 
-    def step(self) -> list[Sequence]:
-        """Run one forward; returns the sequences that got a new token (finished ones included)."""
-        work = self._schedule()
+    def step(self, only: Sequence | None = None) -> list[Sequence]:
+        """Run one forward; returns the sequences that got a new token (finished ones included).
+
+        `only`: step that one sequence alone (admitting it if it waits), to find which request of a
+        batch that raised is the bad one."""
+        work = self._schedule() if only is None else self._schedule_alone(only)
         if not work:
             return []
         logits = self._run(work)
@@ -159,6 +167,14 @@ class EngineCore:
             work.append((seq, n))
             budget -= n
         return work
+
+    def _schedule_alone(self, seq: Sequence) -> list[tuple[Sequence, int]]:
+        if seq.status == Status.WAITING:
+            if not self._admit(seq):
+                return []
+            self.waiting.remove(seq)
+            self.running.append(seq)
+        return [(seq, min(seq.num_pending, self.config.max_batch_tokens))]
 
     def _admit(self, seq: Sequence) -> bool:
         """Give `seq` its blocks: shared prefix blocks from the pool, fresh ones for the rest."""

@@ -9,6 +9,7 @@ are freed), and each Full Block of generated tokens is persisted as it fills.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,10 +20,10 @@ import torch
 
 from dualpath_sdk.config import EngineConfig
 from dualpath_sdk.engine.core import EngineCore
-from dualpath_sdk.engine.messages import Admit, Admitted, Decode, Finished, Tokens
+from dualpath_sdk.engine.messages import Admit, Admitted, Decode, Failed, Finished, Tokens
 from dualpath_sdk.engine.read_queue import ReadQueue
-from dualpath_sdk.engine.sequence import Sequence, Status
-from dualpath_sdk.errors import BufferTimeout
+from dualpath_sdk.engine.sequence import MAX_SEED, Sequence, Status
+from dualpath_sdk.errors import ContextTooLong
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import block_keys
 from dualpath_sdk.model.loader import Model
@@ -31,6 +32,7 @@ from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
 from dualpath_sdk.transfer import Transport
 
 Send = Callable[[object], None]
+log = logging.getLogger(__name__)
 
 
 def _copy(block: FullBlock) -> FullBlock:
@@ -58,7 +60,7 @@ class _Request:
     seq: Sequence | None = None
     persisted: int = 0  # Full Blocks of this request written to the store
     next_block: int = 0  # the first block of the sequence not yet persisted
-    writes: list[Future[None]] = field(default_factory=list)
+    writes: list[Future[int]] = field(default_factory=list)  # each: how many of its blocks failed
     persist: bool = True
 
 
@@ -86,6 +88,7 @@ class DecodeWorker:
         self.requests: dict[str, _Request] = {}
         self.reads = ReadQueue()
         self.waiting: deque[Admit] = deque()  # admitted prompts waiting for buffer slots, in order
+        self.persist_causes: set[str] = set()  # why writes failed, each logged once
 
     # ---- load figures ------------------------------------------------------------------------
 
@@ -115,7 +118,9 @@ class DecodeWorker:
         DE's share of the cached blocks into them (never blocking the loop, whose steps free slots)."""
         need = -(-task.prompt_len // self.layout.block_size)
         if need > self.buffer.capacity:
-            raise BufferTimeout(f"a {need}-block prompt exceeds the DE buffer's {self.buffer.capacity} slots")
+            raise ContextTooLong(
+                f"a {need}-block prompt exceeds the DE buffer's {self.buffer.capacity} slots (buffer_slots)"
+            )
         self.requests[task.req_id] = _Request(task.req_id, task.prompt_len, [])
         self.reads.add(len(task.reads) * self.layout.block_size)
         self.waiting.append(task)
@@ -170,7 +175,7 @@ class DecodeWorker:
             self._finish(request, reason)
             return
         # the PE drew the first token from this seed's stream: continue from a different one
-        seed = None if task.params.seed is None else task.params.seed + 1
+        seed = None if task.params.seed is None else (task.params.seed + 1) % MAX_SEED
         params = replace(task.params, max_tokens=task.params.max_tokens - 1, seed=seed)
         request.seq = self.core.add(
             task.token_ids, params, tenant=task.tenant, prefix=_SlotPrefix(request.slots, prompt_len)
@@ -194,7 +199,10 @@ class DecodeWorker:
 
     def step(self) -> None:
         """One decode step of the running batch; streams tokens and persists filled blocks."""
-        sampled = self.core.step()
+        try:
+            sampled = self.core.step()
+        except Exception as exc:
+            sampled = self._step_each_alone(exc)
         for request in list(self.requests.values()):
             seq = request.seq
             if seq is None:
@@ -211,6 +219,20 @@ class DecodeWorker:
 
     # ---- internals ------------------------------------------------------------------------------
 
+    def _step_each_alone(self, exc: Exception) -> list[Sequence]:
+        """A batched step raised: step each sequence alone, so only a request that raises again
+        fails (with its error's kind) and the engine serves the others on."""
+        log.warning("a decode step of %d sequences raised (%r): stepping each alone", len(self.requests), exc)
+        sampled = []
+        for seq in [*self.core.running, *self.core.waiting]:
+            try:
+                sampled += self.core.step(only=seq)
+            except Exception as alone:
+                request = self._by_seq(seq)
+                self.cancel(request.req_id)
+                self.send(Failed.of(request.req_id, alone))
+        return sampled
+
     def _persist_filled(self, request: _Request) -> None:
         seq = request.seq
         assert seq is not None
@@ -223,9 +245,20 @@ class DecodeWorker:
         request.persisted += len(blocks)
         request.next_block = len(seq.keys)
 
-    def _put_all(self, keys: list[bytes], parents: list[bytes | None], blocks: list[FullBlock]) -> None:
+    def _put_all(self, keys: list[bytes], parents: list[bytes | None], blocks: list[FullBlock]) -> int:
+        """Persist blocks in chain order; returns how many failed. A failed write costs a recompute
+        later, never this step: it is counted and its cause logged once."""
+        failed = 0
         for key, parent, block in zip(keys, parents, blocks, strict=True):
-            self.store.put(key, parent, self.layout.block_size, block)
+            try:
+                self.store.put(key, parent, self.layout.block_size, block)
+            except Exception as exc:
+                failed += 1
+                cause = f"{type(exc).__name__} {getattr(exc.__cause__, 'errno', '')}"
+                if cause not in self.persist_causes:
+                    self.persist_causes.add(cause)
+                    log.error("persisting Full Blocks failed (logged once per cause): %s", exc)
+        return failed
 
     def _finish(self, request: _Request, reason: str, notify: bool = True) -> None:
         """Free the request once its writes are durable; then tell the cluster (in write order)."""
@@ -233,16 +266,11 @@ class DecodeWorker:
         writes, slots = request.writes, request.slots
 
         def done() -> None:
-            error = None
-            for write in writes:
-                try:
-                    write.result()
-                except Exception as exc:  # the store failed: the KV is recomputed next turn
-                    error = exc
+            failed = sum(write.result() for write in writes)
             if slots:
                 self.buffer.release(slots)
             if notify:
-                self.send(Finished(request.req_id, reason, 0 if error else request.persisted))
+                self.send(Finished(request.req_id, reason, request.persisted - failed, failed))
 
         self.writer.submit(done)
 

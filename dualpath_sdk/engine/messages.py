@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from dualpath_sdk.engine.sequence import SamplingParams
+from dualpath_sdk.errors import kind_of
 from dualpath_sdk.scheduler import AttentionModel
 from dualpath_sdk.transfer import RegionDescriptor
 
@@ -140,9 +141,17 @@ class Finished:
     req_id: str
     reason: str
     persisted: int  # Full Blocks this request wrote to the store
+    persist_failed: int = 0  # ... and those that failed to (the store is full or down)
 
 
 @dataclass(frozen=True)
 class Failed:
+    """The engine could not serve one request; `kind` names the error's class in errors.py."""
+
     req_id: str
+    kind: str
     error: str
+
+    @classmethod
+    def of(cls, req_id: str, exc: BaseException) -> Failed:
+        return cls(req_id, kind_of(exc), f"{type(exc).__name__}: {exc}")

@@ -15,6 +15,7 @@ buffer as on the DE read path.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,18 +24,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dualpath_sdk.engine.core import check_token_ids
 from dualpath_sdk.engine.messages import DeSlots, Failed, Prefill, Prefilled
 from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, prefill_layerwise
 from dualpath_sdk.engine.read_queue import ReadQueue
 from dualpath_sdk.engine.sampler import sample
 from dualpath_sdk.engine.sequence import Sequence
-from dualpath_sdk.errors import BufferTimeout
+from dualpath_sdk.errors import ContextTooLong
 from dualpath_sdk.kv.block import KVLayout
 from dualpath_sdk.model.loader import Model
 from dualpath_sdk.scheduler import AttentionModel, PrefillWork, block_chunks, fit_attention_model
 from dualpath_sdk.store.backend import BlockStore
 from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
 from dualpath_sdk.transfer import Region, RegionDescriptor, RemoteRegion, TransferOp, Transport
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Pending:
     num_cached: int = 0  # prompt tokens loaded, not computed (known after the first chunk)
     bytes_read: tuple[int, int] = (0, 0)  # Full Block bytes read through the PE and the DE node
     prefill_s: float = 0.0
+    solo: bool = False  # was in a batch that raised: prefilled alone, so a bad request fails alone
 
     @property
     def reading(self) -> bool:
@@ -124,10 +129,13 @@ class PrefillWorker:
     def admit(self, task: Prefill) -> None:
         """Queue the task; its reads of the PE's share of the cached blocks start once the PE
         buffer has slots for them (never blocking the loop, whose prefills free the slots)."""
+        task.params.check()
+        check_token_ids(task.token_ids, self.model.spec.vocab_size)
         pending = _Pending(task)
         if pending.reading and len(task.pe_reads) > self.buffer.capacity:
-            raise BufferTimeout(
-                f"{len(task.pe_reads)} blocks to read exceed the PE buffer's {self.buffer.capacity} slots"
+            raise ContextTooLong(
+                f"{len(task.pe_reads)} cached blocks exceed the PE buffer's {self.buffer.capacity} "
+                "slots (buffer_slots)"
             )
         self.pending[task.req_id] = pending
         if pending.reading:
@@ -189,8 +197,9 @@ class PrefillWorker:
         """Prefill the ready requests in one layer-wise batch, and report the first token of each
         request whose last chunk it was.
 
-        A batch that fails (its DE vanished mid-transfer, say) fails its requests, not the engine:
-        the cluster retries them elsewhere."""
+        A batch that raises fails its requests, never the engine: a lone request fails with the
+        error's kind (a vanished DE's TransferError is retried elsewhere by the cluster); the
+        requests of a larger batch are prefilled alone from then on, so only a bad one fails."""
         batch = self._batch(self.ready())
         if not batch:
             return []
@@ -204,10 +213,15 @@ class PrefillWorker:
             last = [i for i, (p, upto) in enumerate(batch) if upto == len(p.task.token_ids)]
             firsts = sample(logits[last], [_sampling_seq(batch[i][0].task) for i in last])
         except Exception as exc:
-            for p, _ in batch:
-                self.cancel(p.task.req_id)
+            if len(batch) > 1:
+                log.warning("a batch of %d prefills raised (%r): prefilling each alone", len(batch), exc)
+                for p, _ in batch:
+                    p.solo = True
+                return []
+            failed = batch[0][0].task.req_id
+            self.cancel(failed)
             self.start_waiting()
-            return [Failed(p.task.req_id, f"prefill failed: {type(exc).__name__}: {exc}") for p, _ in batch]
+            return [Failed.of(failed, exc)]
         elapsed = time.perf_counter() - start
         for p, upto in batch:
             p.done, p.prefill_s = upto, p.prefill_s + elapsed
@@ -232,6 +246,7 @@ class PrefillWorker:
         DE buffer, as a DE-path read.
         """
         bs = self.layout.block_size
+        ready = next(([p] for p in ready if p.solo), ready)
         work = []
         for p in ready:
             cached = p.done or (len(p.task.pe_reads) + len(p.task.de_reads)) * bs

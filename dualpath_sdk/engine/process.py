@@ -8,11 +8,20 @@ figures change, so the scheduler decides on fresh figures, and a heartbeat threa
 latest one every HEARTBEAT_S, also through a long prefill batch: the cluster notices an engine that
 exited within seconds, and a hung one (its loop stalled for STALL_S, when the heartbeat stops)
 soon after.
+
+The launcher starts each engine as `python -m dualpath_sdk.engine` (`main` below): a fresh
+interpreter that imports nothing of the user's program, so a cluster starts from a script without
+a main guard, from `python -c`, from stdin, a REPL or a notebook kernel alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import pickle
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -38,17 +47,19 @@ from dualpath_sdk.engine.messages import (
     Role,
 )
 from dualpath_sdk.engine.pe import PrefillWorker
+from dualpath_sdk.errors import DualPathError
 from dualpath_sdk.model.loader import load_model
 from dualpath_sdk.store import open_store
 from dualpath_sdk.transfer import RegionDescriptor, RemoteRegion, open_transport
 
 HEARTBEAT_S = 0.5
 STALL_S = 60.0  # a loop iteration longer than this is a hung engine
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Everything an engine process needs, picklable (it crosses a spawn)."""
+    """Everything an engine process needs, picklable (it reaches the process on its stdin)."""
 
     engine_id: str
     role: Role
@@ -99,6 +110,30 @@ class _Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self.stopped.set()
+
+
+def main() -> None:
+    """`python -m dualpath_sdk.engine`: run the engine that the launcher sends on stdin.
+
+    One pickle arrives there: (the launcher's pid, the EngineSpec, the controller's address, the
+    authkey); never on argv or in the environment, which other users can read in /proc."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the user's program; close ends us
+    _die_with_parent()
+    launcher_pid, spec, address, authkey = pickle.load(sys.stdin.buffer)
+    if os.getppid() != launcher_pid:
+        return  # the launcher died before the death signal was set
+    engine_main(spec, address, authkey)
+
+
+def _die_with_parent() -> None:
+    """On Linux, SIGKILL from the kernel when the launcher dies: a killed program leaves no engine behind,
+    not even one still loading its model (later, the control connection's EOF ends the engine too)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> None:
@@ -208,5 +243,6 @@ def _handle(worker: PrefillWorker | DecodeWorker, message: object, channel: _Cha
         else:
             raise TypeError(f"unexpected {type(message).__name__}")
     except Exception as exc:
-        traceback.print_exc()
-        channel.send(Failed(req_id, f"{type(exc).__name__}: {exc}"))
+        if not isinstance(exc, DualPathError):  # a bug, not a bad request: show where
+            traceback.print_exc()
+        channel.send(Failed.of(req_id, exc))

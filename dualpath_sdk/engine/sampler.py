@@ -16,7 +16,9 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> list[int]:
         params = seq.params
         if params.temperature == 0:
             continue
-        probs = torch.softmax(logits[row] / params.temperature, dim=-1)
+        # shifted so the top logit is 0: a tiny temperature cannot overflow to inf - inf = nan
+        row_logits = logits[row]
+        probs = torch.softmax((row_logits - row_logits.max()) / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             # keep the smallest set whose mass reaches top_p (the top token always stays)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,12 +26,33 @@ class SamplingParams:
     ignore_eos: bool = False  # benchmarks force generation lengths
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidInput(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidInput(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
+        self.check()
+
+    def check(self) -> None:
+        """InvalidInput unless every field has its type and range. Engines call it again on every
+        request they receive: unpickling skips __init__, and one bad request must not stop an engine."""
+        if type(self.max_tokens) is not int or self.max_tokens < 1:
+            raise InvalidInput(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise InvalidInput(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidInput(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < MAX_SEED):
+            raise InvalidInput(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        stops = self.stop_token_ids
+        if stops is not None and (
+            not isinstance(stops, tuple) or not all(type(t) is int and t >= 0 for t in stops)
+        ):
+            raise InvalidInput(f"stop_token_ids must be token ids (ints >= 0), got {stops!r}")
+        if type(self.ignore_eos) is not bool:
+            raise InvalidInput(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+
+MAX_SEED = 2**63  # torch generators take 64-bit seeds; the DE continues from seed + 1
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class CachedPrefix(Protocol):

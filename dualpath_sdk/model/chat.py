@@ -18,12 +18,16 @@ def encode_chat(
     """Render `messages` with the tokenizer's chat template and tokenize the text as it stands."""
     if not tokenizer.chat_template:
         raise InvalidInput("the model's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(
-        [dict(m) for m in messages],
-        add_generation_prompt=add_generation_prompt,
-        tokenize=False,
-    )
-    return list(tokenizer.encode(str(text), add_special_tokens=False))
+    text = _render(tokenizer, [dict(m) for m in messages], add_generation_prompt)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], generation: bool) -> str:
+    """The chat template's text; a template that refuses the messages is InvalidInput."""
+    try:
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False))
+    except Exception as exc:  # jinja2's TemplateError, or whatever a model's template raises
+        raise InvalidInput(f"the model's chat template refused the messages: {exc}") from None
 
 
 _SENTINEL = "\u2063dualpath-sentinel\u2063"
@@ -45,12 +49,10 @@ def continuation_ids(
     last = dict(history[-1])
     if last.get("role") != "assistant":
         raise InvalidInput("a continuation follows the model's reply")
-    text = str(
-        tokenizer.apply_chat_template(
-            [*[dict(m) for m in history[:-1]], {**last, "content": _SENTINEL}, *[dict(m) for m in new]],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
+    text = _render(
+        tokenizer,
+        [*[dict(m) for m in history[:-1]], {**last, "content": _SENTINEL}, *[dict(m) for m in new]],
+        True,
     )
     tail = text.split(_SENTINEL, 1)[1]
     ids = list(tokenizer.encode(tail, add_special_tokens=False))
