@@ -1,7 +1,8 @@
 """dualpath-sdk: agent sessions whose KV-Cache is reloaded over both prefill and decode storage paths."""
 
 from dualpath_sdk.api.cluster import Cluster
-from dualpath_sdk.api.session import Load, Persist, Session, StepChunk, StepResult, Timings, Usage
+from dualpath_sdk.api.result import Load, Persist, StepChunk, StepResult, Timings, Usage
+from dualpath_sdk.api.session import Session
 from dualpath_sdk.config import ClusterConfig, EngineConfig, SchedulerConfig, StoreConfig, TransferConfig
 from dualpath_sdk.errors import (
     BufferTimeout,

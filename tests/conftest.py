@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     DynamicCache,
     LlamaConfig,
     MistralConfig,
@@ -20,7 +21,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from dualpath_sdk.model.loader import Model, load_model
+from dualpath_sdk.model.loader import Model, default_model_dir, load_model
 
 # One thread: CPU tests share 2 cores with other processes, where OpenMP threads spin and stall.
 torch.set_num_threads(1)
@@ -66,10 +67,12 @@ class Pair:
     path: Path
 
 
-def _pair(path: Path, config_factory) -> Pair:  # type: ignore[no-untyped-def]
+def _pair(path: Path, config_factory, tokenizer=None) -> Pair:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(config_factory(), attn_implementation="sdpa").eval()
     ref.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     return Pair(load_model(path), ref, path)
 
 
@@ -93,6 +96,15 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     return _pair(tmp_path_factory.mktemp("llama"), TINY_CONFIGS["llama"])
+
+
+@pytest.fixture(scope="session")
+def chat_pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    """A tiny random Llama with the default model's tokenizer and chat template (so chat turns run)."""
+    path = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    config = LlamaConfig(**{**_COMMON, "vocab_size": len(tokenizer)}, eos_token_id=tokenizer.eos_token_id)
+    return _pair(path, lambda: config, tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from dualpath_sdk.bench.cluster import BLOCK, _utilisation, synthetic_agents, trace_agents
+from dualpath_sdk.bench.cluster import (
+    BLOCK,
+    Run,
+    Step,
+    _cached_share,
+    _utilisation,
+    synthetic_agents,
+    trace_agents,
+)
 
 
 def _trace(path: Path, requests: list[tuple[list[int], int, int]]) -> Path:
@@ -63,6 +71,17 @@ def test_utilisation_is_bytes_per_window_over_the_cap() -> None:
     assert mean == pytest.approx(80 / 12 / 20)
 
 
+def test_the_cached_share_counts_tokens_not_blocks() -> None:
+    from types import SimpleNamespace
+
+    def step(prompt: int, cached: int) -> Step:
+        usage = SimpleNamespace(prompt_tokens=prompt, cached_tokens=cached)
+        return Step("a", 1, SimpleNamespace(usage=usage))  # type: ignore[arg-type]
+
+    run = Run("1P1D", "basic", 1.0, [step(1074, 1033), step(1124, 1083)], {})
+    assert _cached_share(run) == pytest.approx((1033 + 1083) / (1074 + 1124))
+
+
 @pytest.mark.slow
 def test_the_quick_cluster_benchmark_runs_and_modes_agree(tmp_path: Path) -> None:
     out = subprocess.run(
@@ -76,4 +95,6 @@ def test_the_quick_cluster_benchmark_runs_and_modes_agree(tmp_path: Path) -> Non
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures["outputs_match"] is True
     assert figures["offline_1P1D_dualpath+split_vs_basic"] > 1.0
+    # a 1,034-token history (1,024 primed + 10 generated) reloads all but its last token, 1,033 of 1,074
+    assert figures["offline_1P1D_basic_cached_share"] == round(1033 / 1074, 4)
     assert (tmp_path / "bench-results" / "cluster.png").stat().st_size > 0

@@ -160,6 +160,13 @@ def test_split_proportions(pe_q: float, de_q: float, pe_rate: float, de_rate: fl
     assert abs(t_pe - t_de) <= 64 / min(pe_rate, de_rate)
 
 
+def test_split_counts_a_partial_last_block_at_its_tokens() -> None:
+    """Four blocks, the last holding 4 tokens: 196 tokens to read, not 256."""
+    assert split_read(4, 64, 0, 0, 1.0, 1.0).pe_blocks == 2  # 256 tokens: 128 each
+    plan = split_read(4, 64, 60, 0, 1.0, 1.0, cached_tokens=196)  # T = 128: the PE reads 68 tokens
+    assert (plan.kind, plan.pe_blocks, plan.de_blocks) == ("split", 1, 3)
+
+
 def test_split_degenerates_to_one_side() -> None:
     assert split_read(10, 64, 10_000, 0, 1.0, 1.0).kind == "de"
     assert split_read(10, 64, 0, 10_000, 1.0, 1.0).kind == "pe"
@@ -239,3 +246,7 @@ def test_block_chunks_chunk_on_block_boundaries_within_the_quota() -> None:
     assert block_chunks([r1, r2], model, 10.0, 16, 8, 2048) == [85]
     assert block_chunks([r1, r2], model, 10.0, 16, 100, 50) == [85]  # r2 would get 13 new tokens
     assert block_chunks([r2], model, 10.0, 16, 100, 50) == [48]
+    # a cached prefix that ends inside a block: a chunk still ends on a boundary
+    partial = PrefillWork("p", 20, 60)
+    assert block_chunks([partial], model, 1e-9, 16, 100, 2048) == [32]  # the rest of block 1
+    assert block_chunks([partial], model, 0.03, 16, 100, 2048) == [48]  # 50 rounds down

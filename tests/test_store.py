@@ -23,7 +23,7 @@ import torch
 from dualpath_sdk.config import MooncakeConfig
 from dualpath_sdk.errors import InvalidInput, StorageError
 from dualpath_sdk.kv.block import FullBlock, KVLayout
-from dualpath_sdk.kv.keys import BlockKey, block_keys, namespace_key
+from dualpath_sdk.kv.keys import BlockKey, block_keys, namespace_key, partial_key
 from dualpath_sdk.store.aligned import aligned_empty
 from dualpath_sdk.store.backend import BlockStore
 from dualpath_sdk.store.fs import FsStore
@@ -159,6 +159,58 @@ def test_round_trip_parallel_reads_and_misses(make_store: StoreFactory) -> None:
     stats = store.stats()
     assert (stats.hits, stats.misses, stats.blocks) == (12, 1, 12)
     assert stats.bytes_read == stats.bytes_written == 12 * LAYOUT.full_block_nbytes
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_a_partial_block_is_stored_packed_and_read_back_unpacked(
+    make_store: StoreFactory, aligned: bool
+) -> None:
+    """Only a partial block's used rows are stored and read (its tokens' bytes); the read spreads them
+    back into the Full Block layout with the rows past them zeroed."""
+    store = make_store()
+    parent = keys_for(1)[0]
+    for tokens in (1, 5, LAYOUT.block_size - 1):
+        key = partial_key(parent, list(range(tokens)))
+        src = block_of(key)
+        store.put(key, parent, tokens, src)
+        out = empty_block(aligned)
+        out.raw.fill_(0xFF)  # whatever the buffer held before
+        before = store.stats()
+        assert store.get_into(key, out, tokens)
+        rows = [b.tensor[:, :tokens].contiguous().view(torch.uint8) for b in (out, src)]
+        assert torch.equal(*rows)  # bytes: random payloads hold NaNs
+        assert not out.tensor[:, tokens:].any()
+        assert store.stats().bytes_read - before.bytes_read == tokens * LAYOUT.bytes_per_token
+    assert store.stats().bytes_written == (1 + 5 + LAYOUT.block_size - 1) * LAYOUT.bytes_per_token
+
+
+def test_read_many_takes_full_and_partial_blocks_together(make_store: StoreFactory) -> None:
+    """A cached prefix in one call: its Full Blocks, then its partial block."""
+    store = make_store()
+    full = keys_for(3)
+    for parent, key in zip([None, *full], full, strict=False):
+        store.put(key, parent, LAYOUT.block_size, block_of(key))
+    tail = partial_key(full[-1], [7] * 9)
+    store.put(tail, full[-1], 9, block_of(tail))
+    outs = [empty_block() for _ in range(4)]
+    tokens = [LAYOUT.block_size] * 3 + [9]
+    assert store.read_many(list(zip([*full, tail], outs, strict=True)), tokens) == [True] * 4
+    assert all(holds(out, key) for out, key in zip(outs, full, strict=False))
+    rows = [b.tensor[:, :9].contiguous().view(torch.uint8) for b in (outs[3], block_of(tail))]
+    assert torch.equal(*rows)
+    with pytest.raises(InvalidInput):
+        store.read_many(list(zip(full, outs, strict=False)), [16, 16])  # a count per block
+
+
+def test_a_corrupt_partial_block_is_a_miss(tmp_path: Path) -> None:
+    store = FsStore(tmp_path / "s")
+    key = partial_key(keys_for(1)[0], [1, 2, 3])
+    store.put(key, None, 3, block_of(key))
+    assert store.path_of(key).stat().st_size == 2 * 4096  # header + one page of packed rows
+    _flip(store.path_of(key), 4096 + 3 * LAYOUT.bytes_per_token - 1)
+    assert store.get_into(key, empty_block(), 3) is False
+    assert store.stats().corrupt == 1
+    store.close()
 
 
 def test_longest_prefix_walks_keys(make_store: StoreFactory) -> None:
@@ -368,7 +420,7 @@ def _writer(root: str, salt: int, started: EventType) -> None:
         key = block_keys(ROOT, [salt, i], 2)[0]
         block.raw.numpy()[:] = big_content(key)
         started.set()
-        store.put(key, None, 1, block)
+        store.put(key, None, BIG.block_size, block)
         i += 1
 
 

@@ -4,27 +4,39 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Iterator, Sequence
+import secrets
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from dualpath_sdk.api.inputs import SessionOptions, validated
+from dualpath_sdk.api.flow import ModelFacts
+from dualpath_sdk.api.inputs import ResumeOptions, SessionOptions, validated
 from dualpath_sdk.api.session import Session
-from dualpath_sdk.cluster.controller import StepOutcome, StepRequest
+from dualpath_sdk.cluster.controller import Controller, Event, StepOutcome, StepRequest
 from dualpath_sdk.cluster.launcher import LocalLauncher
 from dualpath_sdk.config import ClusterConfig, StoreConfig
-from dualpath_sdk.errors import DualPathError, InvalidInput, StepTimeout, StorageError
+from dualpath_sdk.errors import (
+    DualPathError,
+    EngineUnavailable,
+    InvalidInput,
+    SessionNotFound,
+    StepTimeout,
+    StorageError,
+)
 from dualpath_sdk.fsutil import check_writable
 from dualpath_sdk.kv.keys import BlockKey, namespace_key
 from dualpath_sdk.model.loader import default_model_dir, resolve_model_dir
 from dualpath_sdk.model.spec import ModelSpec
 from dualpath_sdk.store import BlockStore, open_store
 from dualpath_sdk.store.limiter import granted_bytes
-from dualpath_sdk.store.manifest import ManifestStore
+from dualpath_sdk.store.manifest import Lease, ManifestStore, SessionManifest
+from dualpath_sdk.store.prefix import cached_prefix
 
 STEP_TIMEOUT_S = 600.0
 log = logging.getLogger(__name__)
@@ -45,8 +57,6 @@ class Cluster:
         except (OSError, ValueError) as exc:
             raise InvalidInput(f"cannot read the model's config in {path}: {exc}") from None
         spec = ModelSpec.from_hf_config(hf_config)
-        self.vocab_size = spec.vocab_size
-        self.max_context = spec.max_position
         self.block_size = config.engine.block_size
         self.tokenizer: PreTrainedTokenizerBase | None = (
             AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
@@ -59,7 +69,16 @@ class Cluster:
         except BaseException:
             self.store.close()
             raise
-        self._hello = next(iter(self._launcher.controller.engines.values())).hello
+        hello = next(iter(self._launcher.controller.engines.values())).hello
+        self.facts = ModelFacts(
+            tokenizer=self.tokenizer,
+            vocab_size=spec.vocab_size,
+            max_context=spec.max_position,
+            block_size=self.block_size,
+            mode=config.mode,
+            read_plan=config.read_plan,
+            root_key=partial(namespace_key, hello.fingerprint, hello.kv_dtype, self.block_size),
+        )
         self._closed = False
 
     @classmethod
@@ -94,6 +113,8 @@ class Cluster:
             raise InvalidInput(f"bad cluster configuration: {exc}") from None
         return cls(config)
 
+    # ---- sessions ---------------------------------------------------------------------------------
+
     def session(
         self,
         system: str | None = None,
@@ -101,52 +122,54 @@ class Cluster:
         tenant: str = "default",
         ttl_s: float = 3600.0,
     ) -> Session:
-        """A new session, or (`session_id` of an existing one) that session resumed from its manifest."""
+        """A new session of `tenant`. Its id is unguessable unless the caller chooses one, which
+        must not exist yet (InvalidInput). Its blocks stay pinned `ttl_s` after each step."""
         o = validated(
             SessionOptions,
             "session",
             {"system": system, "session_id": session_id, "tenant": tenant, "ttl_s": ttl_s},
         )
-        system, session_id, tenant, ttl_s = o.system, o.session_id, o.tenant, o.ttl_s
         self.check_open()
-        if session_id is not None and self.manifests.path_of(session_id).exists():
-            if system is not None:
-                raise InvalidInput("a resumed session keeps its system prompt")
-            return Session(self, self.manifests.load(session_id))
-        manifest = self.manifests.new(tenant, ttl_s, session_id)
-        if system is not None:
+        manifest = self.manifests.new(o.tenant, o.ttl_s, o.session_id or secrets.token_hex(16))
+        if o.system is not None:
             manifest = self.manifests.save(
-                manifest.model_copy(update={"messages": [{"role": "system", "content": system}]})
+                manifest.model_copy(update={"messages": [{"role": "system", "content": o.system}]}),
+                expect_version=manifest.version,
             )
         return Session(self, manifest)
 
-    # ---- used by sessions -------------------------------------------------------------------------
+    def resume(self, session_id: str, tenant: str = "default") -> Session:
+        """A session as last saved, also after a restart; SessionNotFound when there is none of
+        `tenant`'s under that id (another tenant's session is not found either)."""
+        o = validated(ResumeOptions, "resume", {"session_id": session_id, "tenant": tenant})
+        self.check_open()
+        manifest = self.manifests.load(o.session_id)
+        if manifest.tenant != o.tenant:
+            raise SessionNotFound(o.session_id)
+        return Session(self, manifest)
 
-    def root_key(self, tenant: str) -> BlockKey:
-        return namespace_key(self._hello.fingerprint, self._hello.kv_dtype, self.block_size, tenant)
+    def sessions(self, tenant: str = "default") -> list[str]:
+        """The ids of `tenant`'s sessions, oldest first."""
+        tenant = validated(ResumeOptions, "sessions", {"session_id": "x", "tenant": tenant}).tenant
+        self.check_open()
+        mine = [m for m in self.manifests.all() if m.tenant == tenant]
+        return [m.session_id for m in sorted(mine, key=lambda m: m.created_at)]
+
+    # ---- the backend sessions step through (api/backend.py) -----------------------------------------
 
     def check_open(self) -> None:
         if self._closed:
             raise InvalidInput("the cluster is closed")
 
-    def run(self, request: StepRequest) -> Iterator[list[int] | StepOutcome]:
-        """Submit a step and yield its tokens as they come, then its outcome (an error is raised).
-        Leaving early (an error, a `break`, a timeout) cancels the step on its engines."""
-        controller = self._launcher.controller
-        req_id, events = controller.submit(request)
-        try:
-            while True:
-                try:
-                    event = events.get(timeout=STEP_TIMEOUT_S)
-                except queue.Empty:
-                    raise StepTimeout(f"step {req_id} made no progress in {STEP_TIMEOUT_S} s") from None
-                if isinstance(event, DualPathError):
-                    raise event
-                yield event
-                if isinstance(event, StepOutcome):
-                    return
-        finally:
-            controller.cancel(req_id)
+    def cached_prefix(self, tenant: str, prompt: list[int], history: int) -> tuple[list[BlockKey], int]:
+        store = None if self.config.mode == "oracle" else self.store  # oracle: the history counts as cached
+        return cached_prefix(store, self.facts.root_key(tenant), prompt, self.block_size, history)
+
+    def submit(self, request: StepRequest) -> _Step:
+        return _Step(self._launcher.controller, request)
+
+    def lease(self, session_id: str) -> Lease:
+        return self.manifests.lease(session_id)
 
     def pin(self, session_id: str, keys: Sequence[BlockKey], ttl_s: float) -> None:
         """Pin a session's blocks for `ttl_s`. A store that cannot record the pin (full, down) leaves
@@ -157,15 +180,18 @@ class Cluster:
             self._launcher.controller.metrics.pin_failed.inc()
             log.warning("could not pin the blocks of session %s: %s", session_id, exc)
 
+    def unpin(self, session_id: str) -> None:
+        self.store.unpin(session_id)
+
+    def fork(self, manifest: SessionManifest) -> SessionManifest:
+        return self.manifests.fork(manifest.session_id, secrets.token_hex(16), blocks=self.store)
+
+    # ---- operating it ----------------------------------------------------------------------------
+
     def metrics(self) -> CollectorRegistry:
         """The cluster's Prometheus registry (steps by outcome, retries, persisted and failed blocks,
         engine restarts): `registry.get_sample_value(name, labels)`, or serve it as text."""
         return self._launcher.controller.metrics.registry
-
-    def decode(self, token_ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def storage_nic_bytes(self) -> dict[str, tuple[float, float]]:
         """Bytes each node's storage NIC has read and written so far: {node: (read, written)}."""
@@ -189,3 +215,42 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Step:
+    """A step submitted to the controller (api/backend.py's StepHandle)."""
+
+    def __init__(self, controller: Controller, request: StepRequest) -> None:
+        self._controller = controller
+        self.req_id, self._events = controller.submit(request)
+
+    def receive(self) -> list[int] | StepOutcome:
+        try:
+            event = self._events.get(timeout=STEP_TIMEOUT_S)
+        except queue.Empty:
+            raise StepTimeout(f"step {self.req_id} made no progress in {STEP_TIMEOUT_S} s") from None
+        if isinstance(event, DualPathError):
+            raise event
+        return event
+
+    async def areceive(self) -> list[int] | StepOutcome:
+        try:
+            event = self._events.get_nowait()
+        except queue.Empty:  # wait in a worker thread; a cancelled wait is woken by cancel()
+            event = await anyio.to_thread.run_sync(self._get, abandon_on_cancel=True)
+        if isinstance(event, DualPathError):
+            raise event
+        return event
+
+    def _get(self) -> Event:
+        try:
+            return self._events.get(timeout=STEP_TIMEOUT_S)
+        except queue.Empty:
+            return StepTimeout(f"step {self.req_id} made no progress in {STEP_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        self._controller.stop(self.req_id)
+
+    def cancel(self) -> None:
+        self._controller.cancel(self.req_id)
+        self._events.put(EngineUnavailable("the step was cancelled"))  # wakes an abandoned wait

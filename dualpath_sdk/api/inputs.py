@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dualpath_sdk.engine.sequence import MAX_SEED, SamplingParams
 from dualpath_sdk.errors import InvalidInput
@@ -33,6 +33,8 @@ class StepOptions(_Strict):
     stop_token_ids: Annotated[list[TokenId], Field(strict=False)] | None = None  # a list or a tuple
     ignore_eos: bool = False
     read_plan: ReadPlanChoice | None = None  # None: the cluster's
+    stop: str | Annotated[list[str], Field(strict=False)] | None = None  # stop strings
+    tools: Annotated[list[dict[str, Any]], Field(strict=False)] | None = None  # OpenAI function schemas
 
     def sampling(self) -> SamplingParams:
         stops = tuple(self.stop_token_ids) if self.stop_token_ids else None
@@ -56,13 +58,46 @@ class SessionOptions(_Strict):
     ttl_s: float = Field(default=3600.0, gt=0)
 
 
+class ResumeOptions(_Strict):
+    """The arguments of `Cluster.resume`."""
+
+    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    tenant: str = Field(default="default", pattern=TENANT_PATTERN)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ToolCallFunction(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string
+
+
+class ToolCall(_Strict):
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
-    """One message of a turn: the roles chat templates know, and text content."""
+    """One message of a turn: the roles chat templates know, text content (a string or text parts),
+    an assistant's tool calls (its content may then be None) and a tool result's call id."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = Field(min_length=1)
+    content: str | Annotated[list[TextPart], Field(strict=False, min_length=1)] | None = None
     name: str | None = Field(default=None, min_length=1, max_length=256)
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+    tool_calls: Annotated[list[ToolCall], Field(strict=False, min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if not self.content and self.tool_calls is None:
+            raise ValueError("content must be non-empty (or an assistant message's tool_calls given)")
+        return self
 
 
 M = TypeVar("M", bound=BaseModel)

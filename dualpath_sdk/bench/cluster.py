@@ -182,7 +182,7 @@ def _config(root: Path, topology: str, row: str, cap: float | None, slots: int) 
 def _step(cluster: Cluster, agent: Agent, turn: int) -> StepResult:
     t = agent.turns[turn]
     # a trace request is a fresh prompt: the store finds the prefix earlier requests persisted
-    session = cluster.session(session_id=agent.name) if agent.continues else cluster.session(tenant=TENANT)
+    session = cluster.resume(agent.name, tenant=TENANT) if agent.continues else cluster.session(tenant=TENANT)
     return session.step_tokens(t.tokens, max_tokens=t.gen, ignore_eos=True)
 
 
@@ -303,25 +303,36 @@ def _offline_table(console: Console, title: str, runs: list[Run]) -> Figures:
     figures: Figures = {}
     basic = {r.topology: r.jct_s for r in runs if r.row == "basic"}
     table = Table(title=title)
-    columns = ("nodes", "mode", "JCT s", "x basic", "ideal", "TTFT s", "queue", "read", "prefill")
+    columns = ("nodes", "mode", "JCT s", "x basic", "ideal", "cached", "TTFT s", "queue", "read", "prefill")
     for column in (*columns, "PE SNIC", "DE SNIC"):  # read use of the cap: busiest 4 s / mean
         table.add_column(column, justify="right")
     for r in runs:
         p, d = TOPOLOGIES[r.topology]
         speedup = basic[r.topology] / r.jct_s
         ideal = f"{(p + d) / p:.1f}x" if r.row.startswith("dualpath") else ""  # oracle is compute-bound
-        table.add_row(
-            r.topology, r.row, f"{r.jct_s:.1f}", f"{speedup:.2f}x", ideal, *_ttft_cells(r), *_nic_cells(r)
-        )
+        share = _cached_share(r)
+        cells = (f"{r.jct_s:.1f}", f"{speedup:.2f}x", ideal, f"{share:.3f}", *_ttft_cells(r), *_nic_cells(r))
+        table.add_row(r.topology, r.row, *cells)
         key = f"{title.split()[0]}_{r.topology}_{r.row}"
         figures[f"{key}_jct_s"] = round(r.jct_s, 2)
         figures[f"{key}_vs_basic"] = round(speedup, 3)
         figures[f"{key}_ttft_s"] = round(r.mean(lambda s: s.timings.ttft_s), 3)
+        figures[f"{key}_cached_share"] = round(share, 4)
         for node, (_, mean) in r.nic.items():
             figures[f"{key}_{node}_nic_mean"] = round(mean, 3)
     console.print(table)
-    console.print("TTFT = queue + read + prefill (means, s); SNIC: read use of the cap, busiest 4 s / mean")
+    console.print(
+        "cached: share of prompt tokens loaded, not computed; TTFT = queue + read + prefill (means, s); "
+        "SNIC: read use of the cap, busiest 4 s / mean"
+    )
     return figures
+
+
+def _cached_share(r: Run) -> float:
+    """Prompt tokens whose KV was loaded over all prompt tokens: a continued session reloads every
+    history token but the last one sampled (Full Blocks and the partial block after them)."""
+    prompt = sum(s.result.usage.prompt_tokens for s in r.steps)
+    return sum(s.result.usage.cached_tokens for s in r.steps) / prompt if prompt else 0.0
 
 
 def _outputs_agree(runs: list[Run]) -> bool:

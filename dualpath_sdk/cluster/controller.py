@@ -42,7 +42,7 @@ from dualpath_sdk.engine.messages import (
     Tokens,
 )
 from dualpath_sdk.engine.sequence import SamplingParams
-from dualpath_sdk.errors import RETRYABLE, DualPathError, EngineUnavailable, from_wire
+from dualpath_sdk.errors import RETRYABLE, DualPathError, EngineUnavailable, InvalidInput, from_wire
 from dualpath_sdk.scheduler import (
     NO_READ,
     EngineReport,
@@ -62,11 +62,15 @@ MAX_ATTEMPTS = 2
 
 @dataclass
 class StepRequest:
+    """One step. The cached prefix (store/prefix.py) is `keys`, the stored blocks in chain order:
+    Full Blocks, then a partial block when `cached_tokens` is not a multiple of the block size."""
+
     token_ids: list[int]
     params: SamplingParams
     tenant: str
-    keys: list[bytes]  # keys of the prompt blocks the store holds (the cached prefix), in order
+    keys: list[bytes]
     plan: PlanChoice = "auto"
+    cached_tokens: int | None = None  # tokens `keys` hold; None: every key is a Full Block
 
 
 @dataclass
@@ -116,6 +120,7 @@ class _Step:
     prefilled: Prefilled | None = None
     first_token_at: float = 0.0
     streamed: bool = False
+    generated: int = 0  # tokens sent to the caller
 
 
 class Controller:
@@ -140,6 +145,12 @@ class Controller:
 
     def submit(self, request: StepRequest) -> tuple[str, queue.Queue[Event]]:
         """Queue a step. Events: token lists as they come, then a StepOutcome or the error."""
+        cached, bs = self._cached_tokens(request), self.block_size
+        if -(-cached // bs) != len(request.keys) or cached >= max(len(request.token_ids), 1):
+            raise InvalidInput(
+                f"a cached prefix of {cached} tokens in {len(request.keys)} blocks of {bs} "
+                f"for a prompt of {len(request.token_ids)}"
+            )
         with self.lock:
             if self._closed:
                 raise EngineUnavailable("the cluster is closed")
@@ -156,6 +167,16 @@ class Controller:
                 if step in self.queue:
                     self.queue.remove(step)
                 self._cancel_on_engines(step)
+
+    def stop(self, req_id: str) -> None:
+        """End a decoding step now, as finished on a stop the caller found (a stop string): the
+        engines drop it and the caller's next event is its outcome."""
+        with self.lock:
+            step = self.steps.pop(req_id, None)
+            if step is None or step.prefilled is None:
+                return  # it ended meanwhile (its outcome is queued) or cannot have streamed yet
+            self._cancel_on_engines(step)
+            self._finish(step, Finished(req_id, "stop", 0))
 
     def wait_for_engines(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -242,6 +263,10 @@ class Controller:
     def _on_message(self, engine: _Engine, message: object) -> None:
         if isinstance(message, Report):
             engine.report = message
+            h = engine.hello
+            self.metrics.engine_report(
+                h.engine_id, message.tokens, message.read_q, message.free_tokens, h.role
+            )
             self._dispatch()  # a step waiting for beta or DE memory may fit now
             return
         if isinstance(message, Fetch):
@@ -263,22 +288,21 @@ class Controller:
             step.prefilled = message
             step.first_token_at = time.perf_counter()
             step.streamed = True
+            step.generated = 1
             step.events.put([message.first_token])
             request = step.request
             tokens = [*request.token_ids, message.first_token]
-            stored = message.num_cached // self.block_size
+            stored = message.num_cached // self.block_size  # a loaded partial block is rewritten whole
             decode = Decode(
                 step.req_id, tokens, request.params, request.tenant, stored, self.mode != "oracle"
             )
             self._send(step.de, decode)
         elif isinstance(message, Tokens):
+            step.generated += len(message.tokens)
             step.events.put(message.tokens)
         elif isinstance(message, Finished):
             del self.steps[step.req_id]
-            self.metrics.steps.labels("ok").inc()
-            self.metrics.persisted.inc(message.persisted)
-            self.metrics.persist_failed.inc(message.persist_failed)
-            step.events.put(self._outcome(step, message))
+            self._finish(step, message)
         elif isinstance(message, Failed):
             if message.kind in RETRYABLE:
                 self._retry_or_fail(step, message.error)
@@ -309,13 +333,13 @@ class Controller:
             step.pe, step.de, step.dispatched = pe.hello.engine_id, de.hello.engine_id, time.perf_counter()
             plan = self._plan(step, pe, de)
             step.plan = plan.kind
-            bs = self.block_size
-            self._charge(pe, request.tokens, plan.pe_blocks * bs, 0)
-            self._charge(de, request.tokens, plan.de_blocks * bs, request.de_memory_tokens)
+            cached, split = request.cached_tokens, plan.pe_blocks
+            pe_tokens = min(split * self.block_size, cached)  # the DE side reads the blocks after split
+            self._charge(pe, request.tokens, pe_tokens, 0)
+            self._charge(de, request.tokens, cached - pe_tokens, request.de_memory_tokens)
             keys = list(enumerate(step.request.keys))
-            split = plan.pe_blocks
             pe.fetching = False
-            self._send(de.hello.engine_id, Admit(step.req_id, request.tokens, keys[split:]))
+            self._send(de.hello.engine_id, Admit(step.req_id, request.tokens, keys[split:], cached))
             self._send(
                 pe.hello.engine_id,
                 Prefill(
@@ -324,6 +348,7 @@ class Controller:
                     de.hello.engine_id,
                     keys[:split],
                     list(range(split, len(keys))),
+                    cached,
                     step.request.params,
                     self.mode,
                 ),
@@ -348,7 +373,7 @@ class Controller:
     def _plan(self, step: _Step, pe: _Engine, de: _Engine) -> ReadPlan:
         """The read side: forced per step, or the scheduler's (shorter queue, or split by drain rate)."""
         assert self.scheduler is not None
-        cached = len(step.request.keys)
+        cached = len(step.request.keys)  # blocks, the last one partial where the tokens end inside it
         forced = step.request.plan
         if self.mode != "dualpath" or forced == "pe":
             return pe_only(cached)  # basic reads on the PE side only; oracle skips the reads it is given
@@ -356,9 +381,10 @@ class Controller:
             return ReadPlan("de", 0, cached) if cached else NO_READ
         # every node's SNIC has the configured rate, so the split depends on the queues alone
         args = (cached, self.block_size, self._node_read_q(pe), self._node_read_q(de), 1.0, 1.0)
+        tokens = self._cached_tokens(step.request)
         if forced == "auto":
-            return self.scheduler.plan_read(*args)
-        plan = split_read(*args)
+            return self.scheduler.plan_read(*args, cached_tokens=tokens)
+        plan = split_read(*args, cached_tokens=tokens)
         if plan.kind != "split" and cached >= 2:  # forced: both sides read, whatever the queues say
             plan = ReadPlan("split", cached // 2, cached - cached // 2)
         return plan
@@ -370,7 +396,12 @@ class Controller:
 
     def _request(self, step: _Step) -> Request:
         r = step.request
-        return Request(step.req_id, len(r.token_ids), len(r.keys) * self.block_size, r.params.max_tokens)
+        return Request(step.req_id, len(r.token_ids), self._cached_tokens(r), r.params.max_tokens)
+
+    def _cached_tokens(self, request: StepRequest) -> int:
+        if request.cached_tokens is None:
+            return len(request.keys) * self.block_size
+        return request.cached_tokens
 
     def _report(self, engine: _Engine) -> EngineReport:
         r = engine.report or Report(engine.hello.engine_id, 0, 0, 0)
@@ -419,6 +450,23 @@ class Controller:
             self._dispatch()
             return
         self._fail(step, EngineUnavailable(f"step failed: {why}"))
+
+    def _finish(self, step: _Step, finished: Finished) -> None:
+        outcome = self._outcome(step, finished)
+        self.metrics.persisted.inc(finished.persisted)
+        self.metrics.persist_failed.inc(finished.persist_failed)
+        o = outcome
+        self.metrics.step_finished(
+            len(step.request.token_ids),
+            o.num_cached,
+            step.generated,
+            o.bytes_pe,
+            o.bytes_de,
+            o.queue_s,
+            o.ttft_s,
+            o.decode_s,
+        )
+        step.events.put(outcome)
 
     def _fail(self, step: _Step, error: DualPathError) -> None:
         self.steps.pop(step.req_id, None)

@@ -3,10 +3,15 @@ clusters in one process never mix), read with `registry.get_sample_value` or ser
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
+    """Counters, histograms and gauges of one cluster; the controller updates them as steps end and
+    engines report."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -35,3 +40,64 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.tokens = Counter(
+            "dualpath_tokens",
+            "Tokens of finished steps: prompt, cached (loaded) and generated",
+            ["kind"],
+            registry=r,
+        )
+        self.kv_read_bytes = Counter(
+            "dualpath_kv_read_bytes", "KV read from storage, by the side that read it", ["side"], registry=r
+        )
+        self.ttft = Histogram("dualpath_ttft_seconds", "Time to first token", buckets=_SECONDS, registry=r)
+        self.tpot = Histogram(
+            "dualpath_tpot_seconds", "Time per output token after the first", buckets=_SECONDS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "dualpath_queue_seconds", "Time a step waited in the global queue", buckets=_SECONDS, registry=r
+        )
+        self.engine_tokens = Gauge(
+            "dualpath_engine_tokens",
+            "Tokens of the requests an engine holds (its last report)",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_read_queue = Gauge(
+            "dualpath_engine_read_queue_tokens",
+            "Tokens queued on an engine's storage reads",
+            ["engine"],
+            registry=r,
+        )
+        self.engine_free_tokens = Gauge(
+            "dualpath_engine_free_tokens",
+            "KV memory a DE can still hand out, in tokens",
+            ["engine"],
+            registry=r,
+        )
+
+    def step_finished(
+        self,
+        prompt: int,
+        cached: int,
+        generated: int,
+        bytes_pe: int,
+        bytes_de: int,
+        queue_s: float,
+        ttft_s: float,
+        decode_s: float,
+    ) -> None:
+        self.steps.labels("ok").inc()
+        for kind, n in (("prompt", prompt), ("cached", cached), ("generated", generated)):
+            self.tokens.labels(kind).inc(n)
+        self.kv_read_bytes.labels("pe").inc(bytes_pe)
+        self.kv_read_bytes.labels("de").inc(bytes_de)
+        self.queue_wait.observe(queue_s)
+        self.ttft.observe(ttft_s)
+        if generated > 1:
+            self.tpot.observe(decode_s / (generated - 1))
+
+    def engine_report(self, engine: str, tokens: int, read_q: int, free_tokens: int, role: str) -> None:
+        self.engine_tokens.labels(engine).set(tokens)
+        self.engine_read_queue.labels(engine).set(read_q)
+        if role == "de":
+            self.engine_free_tokens.labels(engine).set(free_tokens)

@@ -7,13 +7,14 @@ Each `step()` is schedule -> run -> postprocess:
 - run: one forward over the ragged batch, layer by layer; a sequence with a CachedPrefix gets
   layer k of it copied into its blocks just before layer k runs;
 - postprocess: sample where a sequence's tokens are all computed, register completed blocks'
-  keys for prefix sharing, finish on a stop token or max_tokens.
+  keys for prefix sharing, finish on a stop token or max_tokens (`on_finish` sees a finishing
+  sequence while the pool still holds its blocks: the DE persists its last ones from them).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ class EngineCore:
         self.pool = KVPool(self.layout, self.config.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.on_finish: Callable[[Sequence], None] | None = None
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -245,4 +247,6 @@ class EngineCore:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         self.running.remove(seq)
+        if self.on_finish is not None:
+            self.on_finish(seq)  # before the blocks go back: a later allocation may overwrite them
         self.pool.free(seq.block_table)

@@ -5,6 +5,14 @@ cached ones into them (DE read path); PEs then stream each layer's KV into the s
 `Decode` the prompt's new Full Blocks are persisted straight from the slots, the sequence joins the
 running batch (its first forward takes the prompt KV from the slots layer by layer, then the slots
 are freed), and each Full Block of generated tokens is persisted as it fills.
+
+When the request finishes, the KV of every token but the last one sampled exists (that one's KV is
+the next turn's first computation); the tokens after the last Full Block are persisted as a partial
+block under its `partial_key` (kv/keys.py), exported from the pool as the sequence finishes, before
+its blocks are freed. It is written after the request's Full Blocks, by the same writer thread, and
+`Finished` goes out only once every write is done: the caller saves the session's manifest after
+that, so whatever a manifest names is already durable. The next turn's DE writes the Full Block at
+that position; the superseded partial block is left to LRU eviction.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from dualpath_sdk.engine.read_queue import ReadQueue
 from dualpath_sdk.engine.sequence import MAX_SEED, Sequence, Status
 from dualpath_sdk.errors import ContextTooLong
 from dualpath_sdk.kv.block import FullBlock
-from dualpath_sdk.kv.keys import block_keys
+from dualpath_sdk.kv.keys import BlockKey, block_keys, partial_key
 from dualpath_sdk.model.loader import Model
 from dualpath_sdk.store.backend import BlockStore
 from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
@@ -58,7 +66,7 @@ class _Request:
     prompt_len: int
     slots: list[BufferSlot]
     seq: Sequence | None = None
-    persisted: int = 0  # Full Blocks of this request written to the store
+    persisted: int = 0  # blocks of this request written to the store (Full and partial)
     next_block: int = 0  # the first block of the sequence not yet persisted
     writes: list[Future[int]] = field(default_factory=list)  # each: how many of its blocks failed
     persist: bool = True
@@ -89,6 +97,7 @@ class DecodeWorker:
         self.reads = ReadQueue()
         self.waiting: deque[Admit] = deque()  # admitted prompts waiting for buffer slots, in order
         self.persist_causes: set[str] = set()  # why writes failed, each logged once
+        self.core.on_finish = self._persist_last
 
     # ---- load figures ------------------------------------------------------------------------
 
@@ -122,7 +131,7 @@ class DecodeWorker:
                 f"a {need}-block prompt exceeds the DE buffer's {self.buffer.capacity} slots (buffer_slots)"
             )
         self.requests[task.req_id] = _Request(task.req_id, task.prompt_len, [])
-        self.reads.add(len(task.reads) * self.layout.block_size)
+        self.reads.add(sum(task.read_tokens(self.layout.block_size)))
         self.waiting.append(task)
         self.start_waiting()
 
@@ -139,7 +148,7 @@ class DecodeWorker:
 
     def _read(self, task: Admit, slots: list[BufferSlot]) -> None:
         offsets = [slot.offset for slot in slots]
-        tokens = len(task.reads) * self.layout.block_size
+        tokens = task.read_tokens(self.layout.block_size)
         if not task.reads:
             self.send(Admitted(task.req_id, offsets, 0, 0.0))
             return
@@ -147,9 +156,9 @@ class DecodeWorker:
 
         def read() -> None:
             try:
-                ok = self.store.read_many([(key, slots[i].block) for i, key in task.reads])
+                ok = self.store.read_many([(key, slots[i].block) for i, key in task.reads], tokens)
             finally:
-                self.reads.remove(tokens)
+                self.reads.remove(sum(tokens))
             valid = next((i for i, good in enumerate(ok) if not good), len(ok))
             self.send(Admitted(task.req_id, offsets, valid, time.perf_counter() - started))
 
@@ -158,9 +167,8 @@ class DecodeWorker:
     def decode(self, task: Decode) -> None:
         request = self.requests[task.req_id]
         prompt_len = len(task.token_ids) - 1
-        keys = block_keys(
-            self.core.root_key(task.tenant), task.token_ids[:prompt_len], self.layout.block_size
-        )
+        root = self.core.root_key(task.tenant)
+        keys = block_keys(root, task.token_ids[:prompt_len], self.layout.block_size)
         request.persisted = len(keys) - task.stored_blocks if task.persist else 0
         # copies: the slots go back to the buffer (and to other requests' PEs) before the writes finish
         blocks = [_copy(request.slots[i].block) for i in range(task.stored_blocks, len(keys))]
@@ -171,7 +179,10 @@ class DecodeWorker:
                 self.writer.submit(self._put_all, keys[task.stored_blocks :], parents, blocks)
             )
         reason = self.core.stop_reason(task.params, task.token_ids[-1], 1)  # the PE's first token
-        if reason is not None:
+        if reason is not None:  # the prompt's KV is all there is: its tail block is in the slots
+            if task.persist and prompt_len % self.layout.block_size:
+                tail = _copy(request.slots[len(keys)].block)
+                self._persist_partial(request, root, task.token_ids[:prompt_len], keys, tail)
             self._finish(request, reason)
             return
         # the PE drew the first token from this seed's stream: continue from a different one
@@ -186,7 +197,7 @@ class DecodeWorker:
         waiting = next((t for t in self.waiting if t.req_id == req_id), None)
         if waiting is not None:
             self.waiting.remove(waiting)
-            self.reads.remove(len(waiting.reads) * self.layout.block_size, read=False)
+            self.reads.remove(sum(waiting.read_tokens(self.layout.block_size)), read=False)
         request = self.requests.get(req_id)
         if request is not None:
             if request.seq is not None and request.seq.status != Status.FINISHED:
@@ -245,19 +256,53 @@ class DecodeWorker:
         request.persisted += len(blocks)
         request.next_block = len(seq.keys)
 
-    def _put_all(self, keys: list[bytes], parents: list[bytes | None], blocks: list[FullBlock]) -> int:
-        """Persist blocks in chain order; returns how many failed. A failed write costs a recompute
-        later, never this step: it is counted and its cause logged once."""
+    def _persist_last(self, seq: Sequence) -> None:
+        """The core calls this as `seq` finishes, before its pool blocks are freed: persist its last
+        filled Full Blocks and its partial block now, while the pool still holds them."""
+        request = next((r for r in self.requests.values() if r.seq is seq), None)
+        if request is None or seq.finish_reason == "abort" or not request.persist:
+            return
+        self._persist_filled(request)
+        if seq.num_computed % self.layout.block_size:
+            tail = seq.block_table[len(seq.keys)]
+            block = self.core.pool.export_block(tail, FullBlock.empty(self.layout))
+            self._persist_partial(request, seq.root_key, seq.token_ids[: seq.num_computed], seq.keys, block)
+
+    def _persist_partial(
+        self, request: _Request, root: BlockKey, computed: list[int], keys: list[BlockKey], block: FullBlock
+    ) -> None:
+        """Persist `block` as the partial block of `computed` (the tokens whose KV exists): the
+        tokens after its Full Blocks, whose keys are `keys` (chained from `root`)."""
+        bs = self.layout.block_size
+        full = len(computed) // bs
+        assert len(keys) == full and len(computed) % bs
+        parent = keys[-1] if keys else None
+        tokens = computed[full * bs :]
+        key = partial_key(parent or root, tokens)
+        request.writes.append(self.writer.submit(self._put_all, [key], [parent], [block], [len(tokens)]))
+        request.persisted += 1
+
+    def _put_all(
+        self,
+        keys: list[bytes],
+        parents: list[bytes | None],
+        blocks: list[FullBlock],
+        tokens: list[int] | None = None,
+    ) -> int:
+        """Persist blocks in chain order (`tokens`: each one's token count; None: Full Blocks);
+        returns how many failed. A failed write costs a recompute later, never this step: it is
+        counted and its cause logged once."""
         failed = 0
-        for key, parent, block in zip(keys, parents, blocks, strict=True):
+        counts = tokens or [self.layout.block_size] * len(keys)
+        for key, parent, block, count in zip(keys, parents, blocks, counts, strict=True):
             try:
-                self.store.put(key, parent, self.layout.block_size, block)
+                self.store.put(key, parent, count, block)
             except Exception as exc:
                 failed += 1
                 cause = f"{type(exc).__name__} {getattr(exc.__cause__, 'errno', '')}"
                 if cause not in self.persist_causes:
                     self.persist_causes.add(cause)
-                    log.error("persisting Full Blocks failed (logged once per cause): %s", exc)
+                    log.error("persisting blocks failed (logged once per cause): %s", exc)
         return failed
 
     def _finish(self, request: _Request, reason: str, notify: bool = True) -> None:

@@ -56,6 +56,12 @@ class Fetch:
 # ---- cluster -> DE ----------------------------------------------------------------------------
 
 
+def cached_block_tokens(index: int, cached_tokens: int, block_size: int) -> int:
+    """Tokens of cached block `index` of a prefix of `cached_tokens`: a whole block, or fewer for the
+    partial block that ends a prefix whose length is not a multiple of the block size."""
+    return min(block_size, cached_tokens - index * block_size)
+
+
 @dataclass(frozen=True)
 class Admit:
     """Reserve DE buffer slots for a prompt and read `reads` (block index, key) into them."""
@@ -63,6 +69,11 @@ class Admit:
     req_id: str
     prompt_len: int
     reads: list[tuple[int, bytes]]
+    cached_tokens: int  # tokens of the whole cached prefix (its last block may be partial)
+
+    def read_tokens(self, block_size: int) -> list[int]:
+        """Tokens of each of the DE's reads."""
+        return [cached_block_tokens(i, self.cached_tokens, block_size) for i, _ in self.reads]
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class Decode:
     token_ids: list[int]  # prompt + the first token, sampled by the PE
     params: SamplingParams
     tenant: str
-    stored_blocks: int  # leading prompt blocks already in the store
+    stored_blocks: int  # leading prompt Full Blocks already in the store
     persist: bool = True  # oracle: its KV is garbage and must never reach the store
 
 
@@ -94,8 +105,13 @@ class Prefill:
     de_engine: str
     pe_reads: list[tuple[int, bytes]]  # (block index, key) the PE reads into its own buffer
     de_reads: list[int]  # block indices the DE reads into the DE buffer
+    cached_tokens: int  # tokens the read blocks hold: the last block of the prefix may be partial
     params: SamplingParams
     mode: Mode = "dualpath"  # basic: no layer-wise overlap; oracle: no reads, no transfers (KV is garbage)
+
+    def pe_read_tokens(self, block_size: int) -> list[int]:
+        """Tokens of each of the PE's reads."""
+        return [cached_block_tokens(i, self.cached_tokens, block_size) for i, _ in self.pe_reads]
 
 
 @dataclass(frozen=True)
@@ -123,7 +139,7 @@ class Admitted:
 class Prefilled:
     req_id: str
     first_token: int
-    num_cached: int  # prompt tokens whose KV was loaded, not computed
+    num_cached: int  # prompt tokens whose KV was loaded, not computed (any count, not whole blocks)
     read_s: float
     prefill_s: float
     bytes_pe: int
@@ -140,7 +156,7 @@ class Tokens:
 class Finished:
     req_id: str
     reason: str
-    persisted: int  # Full Blocks this request wrote to the store
+    persisted: int  # blocks this request wrote to the store (Full Blocks, and its partial block)
     persist_failed: int = 0  # ... and those that failed to (the store is full or down)
 
 

@@ -7,7 +7,9 @@ Per request (PAPER.md, two load paths):
 - DE read path: the DE read Full Blocks into its buffer; per layer, the PE pulls Layer Blocks from
   the DE buffer; after the layer, only the new tokens' KV goes back.
 A split plan does both for different blocks. A block that fails to read (missing, corrupt) ends
-the cached prefix there: the rest is computed, never a wrong token.
+the cached prefix there: the rest is computed, never a wrong token. The prefix's last block may be
+a partial one (store/prefix.py): it is loaded like the others, and since this prefill computes the
+rest of its rows, it always goes back to the DE buffer, whichever side read it.
 Batches are packed FIFO by the compute quota (PAPER.md, Inside a PE); the request that crosses it
 is prefilled in block-aligned chunks, each later chunk pulling the earlier ones' KV from the DE
 buffer as on the DE read path.
@@ -139,7 +141,7 @@ class PrefillWorker:
             )
         self.pending[task.req_id] = pending
         if pending.reading:
-            self.reads.add(len(task.pe_reads) * self.layout.block_size)
+            self.reads.add(sum(task.pe_read_tokens(self.layout.block_size)))
         self.waiting.append(pending)
         self.start_waiting()
 
@@ -160,12 +162,13 @@ class PrefillWorker:
         items = [
             (key, slot.block) for (_, key), slot in zip(pending.task.pe_reads, pending.slots, strict=True)
         ]
+        tokens = pending.task.pe_read_tokens(self.layout.block_size)
         started = time.perf_counter()
-        pending.reads = self.readers.submit(self.store.read_many, items)
+        pending.reads = self.readers.submit(self.store.read_many, items, tokens)
 
         def done(_: Future[list[bool]]) -> None:
             pending.read_s = time.perf_counter() - started
-            self.reads.remove(len(items) * self.layout.block_size)
+            self.reads.remove(sum(tokens))
 
         pending.reads.add_done_callback(done)
 
@@ -180,7 +183,7 @@ class PrefillWorker:
         if not pending.started:
             self.waiting.remove(pending)
             if pending.reading:
-                self.reads.remove(len(pending.task.pe_reads) * self.layout.block_size, read=False)
+                self.reads.remove(sum(pending.task.pe_read_tokens(self.layout.block_size)), read=False)
             return
         if pending.reads is not None:
             pending.reads.result()  # the slots are being written: wait before handing them back
@@ -249,7 +252,7 @@ class PrefillWorker:
         ready = next(([p] for p in ready if p.solo), ready)
         work = []
         for p in ready:
-            cached = p.done or (len(p.task.pe_reads) + len(p.task.de_reads)) * bs
+            cached = p.done or p.task.cached_tokens
             work.append(PrefillWork(p.task.req_id, cached, len(p.task.token_ids) - cached))
         quota, tokens = self.compute_quota_s, self.max_batch_tokens
         ends = block_chunks(work, self.attention, quota, bs, self.max_blocks, tokens)
@@ -263,35 +266,37 @@ class PrefillWorker:
         """Prefill `p`'s prompt up to `upto` on top of its cached blocks.
 
         The first chunk loads the PE's reads from its slots and the DE's reads from the DE buffer;
-        a later chunk loads every earlier block from the DE buffer. Blocks the DE buffer holds
-        intact are not sent back."""
+        a later chunk loads every earlier block from the DE buffer. Full Blocks the DE buffer holds
+        intact are not sent back; a partial one is, with the rows this prefill adds."""
         assert p.de is not None
-        task, bs, layer_bytes = p.task, self.layout.block_size, self.layout.layer_block_nbytes
+        task, bs = p.task, self.layout.block_size
+        layer_bytes, token_bytes = self.layout.layer_block_nbytes, self.layout.bytes_per_token
         tokens = task.token_ids[:upto]
         if task.mode == "oracle":  # the I/O-free ceiling: as if every cached layer were already here
-            cached = p.done or (len(task.pe_reads) + len(task.de_reads)) * bs
+            cached = p.done or task.cached_tokens
             p.num_cached = p.num_cached or cached
             return PrefillJob(tokens, cached, _nothing, _nothing)
         if p.done:
-            from_pe, cached_blocks = 0, p.done // bs
+            from_pe, cached = 0, p.done
         else:
             pe_ok = p.reads.result() if p.reads is not None else []
             pe_valid = next((i for i, ok in enumerate(pe_ok) if not ok), len(pe_ok))
             n_pe = len(task.pe_reads)
             from_pe = min(n_pe, pe_valid)
-            cached_blocks = pe_valid if pe_valid < n_pe else n_pe + p.de.valid_reads
-            full = self.layout.full_block_nbytes
-            p.num_cached = cached_blocks * bs
-            p.bytes_read = (from_pe * full, (cached_blocks - from_pe) * full)
+            loaded = pe_valid if pe_valid < n_pe else n_pe + p.de.valid_reads
+            cached = p.num_cached = min(loaded * bs, task.cached_tokens)
+            pe_tokens = min(from_pe * bs, cached)
+            p.bytes_read = (pe_tokens * token_bytes, (cached - pe_tokens) * token_bytes)
+        loaded = -(-cached // bs)  # blocks that hold cached KV, the last one perhaps partial
         remote = remote_for(p.de.buffer)
         offsets = p.de.offsets
-        sent = [i for i in range(-(-upto // bs)) if not from_pe <= i < cached_blocks]  # the DE has the rest
+        sent = [i for i in range(-(-upto // bs)) if not from_pe <= i < cached // bs]  # the DE has the rest
         work = self.work
 
         def load_layer(layer: int, kv: torch.Tensor) -> None:
             for i in range(from_pe):
                 kv[i].copy_(p.slots[i].block.layer(layer))
-            if cached_blocks > from_pe:
+            if loaded > from_pe:
                 first = _offset_in(work, kv[from_pe])
                 ops = [
                     TransferOp(
@@ -301,7 +306,7 @@ class PrefillWorker:
                         offsets[i] + layer * layer_bytes,
                         layer_bytes,
                     )
-                    for i in range(from_pe, cached_blocks)
+                    for i in range(from_pe, loaded)
                 ]
                 self.transport.read_batch(ops, "kv").wait()
 
@@ -315,7 +320,7 @@ class PrefillWorker:
             ]
             self.transport.write_batch(ops, "kv").wait()
 
-        return PrefillJob(tokens, cached_blocks * bs, load_layer, send_layer)
+        return PrefillJob(tokens, cached, load_layer, send_layer)
 
     def _layer_memory(self, layer: int, blocks: int) -> torch.Tensor:
         """Layer `layer`'s working KV, a view into the registered work region (a ring of 3 layers)."""

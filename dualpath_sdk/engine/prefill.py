@@ -40,8 +40,8 @@ class LayerIO:
 @dataclass
 class PrefillJob:
     token_ids: Sequence[int]  # the whole prompt
-    num_cached: int  # leading tokens whose KV is loaded, a multiple of the block size
-    load_layer: Callable[[int, torch.Tensor], None]  # fill `[cached_blocks, ...]` with layer k's cached KV
+    num_cached: int  # leading tokens whose KV is loaded (the last loaded block may be partial)
+    load_layer: Callable[[int, torch.Tensor], None]  # fill `[ceil(num_cached / bs), ...]` with layer k's
     send_layer: Callable[[int, torch.Tensor], None]  # layer k's KV of all the job's blocks, once computed
 
     @property
@@ -82,8 +82,8 @@ def prefill_layerwise(
     def load(layer: int) -> torch.Tensor:
         kv = torch.zeros(shape, dtype=layout.dtype) if layer_memory is None else layer_memory(layer, shape[0])
         for job, base in zip(jobs, bases, strict=True):
-            if job.num_cached:
-                job.load_layer(layer, kv[base : base + job.num_cached // bs])
+            if job.num_cached:  # a partial last block: its rows past num_cached are computed here
+                job.load_layer(layer, kv[base : base + -(-job.num_cached // bs)])
         return kv
 
     def send(layer: int, kv: torch.Tensor) -> None:

@@ -60,7 +60,8 @@ class CachedPrefix(Protocol):
 
     The engine asks for layer k just before it runs layer k: this is the layer-wise load of
     PAPER.md (a buffer, a transport or storage behind `layer`). `num_tokens` need not fill its
-    last block: a decode engine takes a whole prompt's KV, tail included, from its DE buffer.
+    last block: a decode engine takes a whole prompt's KV, tail included, from its DE buffer, and a
+    stored prefix may end in a partial block; the rows past `num_tokens` are computed over.
     """
 
     @property

@@ -99,8 +99,9 @@ def block_chunks(
     reaches this batch (cached + new tokens), FIFO.
 
     A chunk that is not a request's last ends on a block boundary, rounded down; a batch takes at
-    least one block of its first request. The batch also stays within `max_blocks` KV blocks
-    (cached ones included) and `max_tokens` new tokens.
+    least its first request's tokens up to the next boundary (a whole block, or the rest of a
+    partial cached one). The batch also stays within `max_blocks` KV blocks (cached ones included)
+    and `max_tokens` new tokens.
     """
     ends: list[int] = []
     blocks = new = 0
@@ -112,7 +113,7 @@ def block_chunks(
             if end <= work.cached:
                 if ends:
                     break
-                end = min(work.cached + block_tokens, total)
+                end = min((work.cached // block_tokens + 1) * block_tokens, total)
         nb = -(-end // block_tokens)
         if ends and (blocks + nb > max_blocks or new + end - work.cached > max_tokens):
             break

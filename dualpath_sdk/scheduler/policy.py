@@ -96,12 +96,16 @@ class Scheduler:
         de_read_q: float,
         pe_rate: float,
         de_rate: float,
+        cached_tokens: int | None = None,
     ) -> ReadPlan:
-        """Read side for one request whose PE and DE are chosen; queues in tokens, rates in tokens/s."""
+        """Read side for one request whose PE and DE are chosen; queues in tokens, rates in tokens/s.
+        `cached_tokens`: what the blocks hold when the last one is partial (default: whole blocks)."""
         if self.mode == "basic":
             return pe_only(cached_blocks)
         if self.config.split_reads:
-            return split_read(cached_blocks, block_tokens, pe_read_q, de_read_q, pe_rate, de_rate)
+            return split_read(
+                cached_blocks, block_tokens, pe_read_q, de_read_q, pe_rate, de_rate, cached_tokens
+            )
         return shorter_queue(cached_blocks, pe_read_q, de_read_q)
 
     def batch_prefill(self, queue: Iterable[PrefillWork]) -> list[Chunk]:

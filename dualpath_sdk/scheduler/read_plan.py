@@ -37,17 +37,24 @@ def shorter_queue(cached_blocks: int, pe_read_q: float, de_read_q: float) -> Rea
 
 
 def split_read(
-    cached_blocks: int, block_tokens: int, pe_read_q: float, de_read_q: float, pe_rate: float, de_rate: float
+    cached_blocks: int,
+    block_tokens: int,
+    pe_read_q: float,
+    de_read_q: float,
+    pe_rate: float,
+    de_rate: float,
+    cached_tokens: int | None = None,
 ) -> ReadPlan:
     """Divide the blocks so both queues drain at the same moment (water-filling).
 
     With queues q and drain rates r (tokens, tokens/s), both sides finish at T = (q_pe + q_de + C) /
     (r_pe + r_de) when the PE side reads T * r_pe - q_pe tokens; clamped, that degenerates to one side
-    when the other queue alone is longer than T.
+    when the other queue alone is longer than T. C is `cached_tokens` (default: whole blocks): the
+    last block may be a partial one, read at its tokens' cost (the DE side reads it in a split).
     """
     if cached_blocks <= 0:
         return NO_READ
-    total = cached_blocks * block_tokens
+    total = cached_blocks * block_tokens if cached_tokens is None else cached_tokens
     finish = (pe_read_q + de_read_q + total) / (pe_rate + de_rate)
     pe_blocks = min(cached_blocks, max(0, round((finish * pe_rate - pe_read_q) / block_tokens)))
     if pe_blocks in (0, cached_blocks):

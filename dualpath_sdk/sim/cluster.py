@@ -5,6 +5,11 @@ plan -> storage reads into the PE and/or DE buffer -> PE batch (compute-quota pa
 compute and sends overlap) -> DE buffer -> DE GPU -> decode -> the agent's next call. Every decision is
 made by `dualpath_sdk.scheduler.Scheduler`, fed the same engine reports a cluster leader would send.
 Events are per request and per batch, never per token: decode advances a virtual step clock per engine.
+A call's cached prefix is its history in whole blocks, as in the paper, whose store is a trie of Full
+Blocks; the SDK also reloads a history's trailing partial block (store/prefix.py), but this simulator
+reproduces the paper's system and figures, so it recomputes that tail: at most 63 more tokens to
+prefill and 63 fewer to read per call, beside its hundreds of appended tokens and tens of thousands
+read, which changes neither the storage-bound picture nor the ratios.
 """
 
 from __future__ import annotations
@@ -337,7 +342,7 @@ class Simulation:
             agent,
             call,
             history + self.append[agent][call],
-            history // self.bt * self.bt,
+            history // self.bt * self.bt,  # whole blocks: the paper's cache (module docstring)
             self.gen[agent][call],
         )
 

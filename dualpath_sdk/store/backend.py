@@ -4,6 +4,12 @@ Blocks are content-addressed by their chain key (kv/keys.py), so a key is writte
 changes: a second put of the same key is a no-op. A read either fills the caller's buffer with the
 verified block and returns True, or returns False (absent, evicted, corrupt): a miss means
 recompute, never a wrong answer. The caller's buffer holds garbage after a False.
+
+A block put with fewer tokens than the block size is a partial block (under its `partial_key`):
+only its used rows are stored, packed (kv/block.py), and its header's token count says so; a read
+unpacks it into the caller's Full Block buffer, the rows past its tokens zeroed. Partial blocks
+are leaves the next turn supersedes with a Full Block; sessions pin their Full Blocks only, so
+LRU eviction takes a partial block like any unpinned one (a lost one costs its tokens' recompute).
 """
 
 from __future__ import annotations
@@ -14,8 +20,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
+from dualpath_sdk.errors import InvalidInput
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import BlockKey
+from dualpath_sdk.store.aligned import aligned_empty
 from dualpath_sdk.store.index import BlockIndex
 
 
@@ -68,11 +78,13 @@ class BlockStore(ABC):
 
     @abstractmethod
     def put(self, key: BlockKey, parent_key: BlockKey | None, token_count: int, block: FullBlock) -> None:
-        """Persist `block` under `key`; visible to readers only once complete. Raises StorageError."""
+        """Persist `block` under `key`; visible to readers only once complete. Raises StorageError.
+        `token_count` below the block size: a partial block, whose first `token_count` rows are kept."""
 
     @abstractmethod
-    def get_into(self, key: BlockKey, block: FullBlock) -> bool:
-        """Read and verify `key` straight into `block`'s buffer; False on a miss or a corrupt block."""
+    def get_into(self, key: BlockKey, block: FullBlock, tokens: int | None = None) -> bool:
+        """Read and verify `key` straight into `block`'s buffer; False on a miss or a corrupt block.
+        `tokens`: the tokens the stored block holds, fewer for a partial block (None: a Full Block)."""
 
     @abstractmethod
     def contains(self, key: BlockKey) -> bool:
@@ -99,14 +111,48 @@ class BlockStore(ABC):
     def _delete(self, keys: Sequence[BlockKey]) -> None:
         """Remove the stored bytes of `keys` (the index has already let go of them)."""
 
+    @staticmethod
+    def _payload(block: FullBlock, token_count: int) -> torch.Tensor:
+        """The bytes `put` stores: the whole Full Block, or a partial block's rows packed (page-aligned,
+        so direct I/O can write them)."""
+        layout = block.layout
+        if not 0 < token_count <= layout.block_size:
+            raise InvalidInput(f"a block holds 1 to {layout.block_size} tokens, not {token_count}")
+        if token_count == layout.block_size:
+            return block.raw
+        return block.pack(token_count, aligned_empty(layout.packed_nbytes(token_count)))
+
+    @staticmethod
+    def _tokens_of(block: FullBlock, tokens: int | None) -> int:
+        """The token count a read expects (checked: 1 to the block size; None: a Full Block)."""
+        layout = block.layout
+        count = layout.block_size if tokens is None else tokens
+        if not 0 < count <= layout.block_size:
+            raise InvalidInput(f"a block holds 1 to {layout.block_size} tokens, not {count}")
+        return count
+
+    @classmethod
+    def _token_counts(
+        cls, items: Sequence[tuple[BlockKey, FullBlock]], tokens: Sequence[int] | None
+    ) -> list[int]:
+        """`_tokens_of` for each of many reads."""
+        if tokens is not None and len(tokens) != len(items):
+            raise InvalidInput(f"{len(tokens)} token counts for {len(items)} blocks")
+        counts = tokens if tokens is not None else [None] * len(items)
+        return [cls._tokens_of(block, n) for (_, block), n in zip(items, counts, strict=True)]
+
     def _totals(self) -> tuple[int, int, int]:
         """(blocks, stored bytes, pinned blocks)."""
         t = self.index.totals()
         return t.blocks, t.nbytes, t.pinned_blocks
 
-    def read_many(self, items: Sequence[tuple[BlockKey, FullBlock]]) -> list[bool]:
-        """Read many blocks in parallel, each into its own buffer; one bool per item."""
-        return list(self._pool.map(lambda item: self.get_into(*item), items))
+    def read_many(
+        self, items: Sequence[tuple[BlockKey, FullBlock]], tokens: Sequence[int] | None = None
+    ) -> list[bool]:
+        """Read many blocks in parallel, each into its own buffer; one bool per item. `tokens`: each
+        block's token count (a partial block's is below the block size); None: all Full Blocks."""
+        keys, blocks = [k for k, _ in items], [b for _, b in items]
+        return list(self._pool.map(self.get_into, keys, blocks, self._token_counts(items, tokens)))
 
     def longest_prefix(self, keys: Sequence[BlockKey]) -> int:
         """How many leading keys are stored: the cached prefix in whole blocks (chain keys make a

@@ -1,8 +1,9 @@
-"""The `fs` backend: one file per Full Block in a sharded directory (local disk or a DFS mount).
+"""The `fs` backend: one file per block in a sharded directory (local disk or a DFS mount).
 
 File = a 4096-byte header + the payload padded to 4096 bytes, so the payload lands page-aligned and
-a whole block moves in one preadv, with O_DIRECT where the file system allows it. A block becomes
-visible only when complete: written to tmp/, fsynced, renamed into blocks/<first key byte>/, that
+a whole block moves in one preadv, with O_DIRECT where the file system allows it (a partial
+block's payload is its packed rows, store/backend.py: a shorter file). A block becomes visible
+only when complete: written to tmp/, fsynced, renamed into blocks/<first key byte>/, that
 directory fsynced. The 256 shard directories are made (and made durable) once, when a store opens.
 Files are the truth for presence; the shared SQLite index (index.py) holds sizes, LRU order and
 pins. Everything the store creates is owner-only (dualpath_sdk/fsutil.py: directories 0o700, files
@@ -102,7 +103,7 @@ class FsStore(BlockStore):
         if final.exists():  # content-addressed: the same key is the same bytes
             self.index.touch([key])
             return
-        raw = block.raw
+        raw = self._payload(block, token_count)
         nbytes = raw.numel()
         file_bytes = HEADER_BYTES + round_up(nbytes)
         if self.capacity_bytes is not None:
@@ -111,7 +112,7 @@ class FsStore(BlockStore):
         if self.limiter is not None:
             self.limiter.acquire_write(file_bytes)
         header = encode_header(
-            key, parent_key, token_count, block.layout.dtype_name, nbytes, block.checksum()
+            key, parent_key, token_count, block.layout.dtype_name, nbytes, payload_checksum(raw)
         )
         tmp = self.root / "tmp" / f"{self._host}-{os.getpid()}-{uuid.uuid4().hex}.tmp"
         try:
@@ -160,14 +161,17 @@ class FsStore(BlockStore):
             os.close(fd)
 
     # -- read ---------------------------------------------------------------------------------------
-    def get_into(self, key: BlockKey, block: FullBlock) -> bool:
-        hit = self._read(key, block)
+    def get_into(self, key: BlockKey, block: FullBlock, tokens: int | None = None) -> bool:
+        hit = self._read(key, block, self._tokens_of(block, tokens))
         if hit:
             self._touch([key])
         return hit
 
-    def read_many(self, items: Sequence[tuple[BlockKey, FullBlock]]) -> list[bool]:
-        hits = list(self._pool.map(lambda item: self._read(*item), items))
+    def read_many(
+        self, items: Sequence[tuple[BlockKey, FullBlock]], tokens: Sequence[int] | None = None
+    ) -> list[bool]:
+        counts = self._token_counts(items, tokens)
+        hits = list(self._pool.map(self._read, [k for k, _ in items], [b for _, b in items], counts))
         self._touch([key for (key, _), hit in zip(items, hits, strict=True) if hit])
         return hits
 
@@ -178,10 +182,12 @@ class FsStore(BlockStore):
         except StorageError as exc:
             log.warning("LRU update skipped: %s", exc)
 
-    def _read(self, key: BlockKey, block: FullBlock) -> bool:
+    def _read(self, key: BlockKey, block: FullBlock, tokens: int) -> bool:
+        """Read a block of `tokens` tokens: a Full Block straight into the buffer, or a partial block's
+        packed rows into its start, then unpacked in place."""
         path = self.path_of(key)
         raw = block.raw
-        nbytes = raw.numel()
+        nbytes = block.layout.packed_nbytes(tokens)
         try:
             fd, direct = self._open(path, os.O_RDONLY, raw.data_ptr() % ALIGN == 0)
         except FileNotFoundError:
@@ -202,18 +208,21 @@ class FsStore(BlockStore):
             os.close(fd)
         header = decode_header(head) if got >= HEADER_BYTES else None
         if header is not None:
-            hkey, _, _, dtype, stored_nbytes, _ = header
+            hkey, _, stored_tokens, dtype, stored_nbytes, _ = header
             if hkey == key and (stored_nbytes, dtype) != (nbytes, block.layout.dtype_name):
                 raise InvalidInput(
-                    f"block {key.hex()} holds {stored_nbytes} bytes of {dtype}; the buffer is "
-                    f"{nbytes} bytes of {block.layout.dtype_name} (wrong KVLayout for this namespace)"
+                    f"block {key.hex()} holds {stored_nbytes} bytes of {dtype} ({stored_tokens} tokens); "
+                    f"the read expects {nbytes} bytes of {block.layout.dtype_name} ({tokens} tokens): "
+                    "wrong KVLayout for this namespace"
                 )
         if header is None or header[0] != key or got < HEADER_BYTES + nbytes:
             return self._quarantine(key, path)
         if main < nbytes:
-            payload[main:] = tail[: nbytes - main]
-        if payload_checksum(raw) != header[5]:
+            payload[main:nbytes] = tail[: nbytes - main]
+        if payload_checksum(raw[:nbytes]) != header[5]:
             return self._quarantine(key, path)
+        if tokens < block.layout.block_size:
+            block.unpack(tokens)
         self.counters.add(hits=1, bytes_read=nbytes)
         return True
 

@@ -1,4 +1,5 @@
-"""The block header every backend stores in front of a Full Block's payload (DESIGN.md, KV formats).
+"""The block header every backend stores in front of a block's payload (DESIGN.md, KV formats): a
+Full Block's, or a partial block's packed rows (store/backend.py), as its token count says.
 
 One page (4096 bytes) so the payload after it stays page-aligned for direct I/O.
 """

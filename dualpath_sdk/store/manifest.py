@@ -87,6 +87,7 @@ class SessionManifest(BaseModel):
     token_ids: list[int] = Field(default_factory=list)
     messages: list[dict[str, Any]] = Field(default_factory=list)
     block_keys: list[str] = Field(default_factory=list)
+    tools: list[dict[str, Any]] = Field(default_factory=list)  # fixed by the first step that names them
     ttl_s: float = Field(3600.0, gt=0)
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -389,6 +390,16 @@ class ManifestStore:
         if manifest.session_id != session_id:
             raise ManifestCorrupt(f"file of session {session_id} holds session {manifest.session_id}")
         return manifest
+
+    def all(self) -> list[SessionManifest]:
+        """Every session's manifest that loads (a damaged one is skipped: `load` says why)."""
+        manifests = []
+        for path in sorted(self.root.glob("*.manifest")):
+            try:
+                manifests.append(self.load(path.stem))
+            except (SessionNotFound, StorageError, InvalidInput):
+                continue  # deleted meanwhile, or damaged
+        return manifests
 
     def fork(
         self, session_id: str, child_id: str | None = None, blocks: BlockStore | None = None

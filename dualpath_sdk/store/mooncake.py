@@ -1,5 +1,5 @@
-"""The `mooncake` backend: Full Blocks as objects of a Mooncake Store (its master runs anywhere,
-`mooncake_master` ships in the wheel).
+"""The `mooncake` backend: blocks as objects of a Mooncake Store (its master runs anywhere,
+`mooncake_master` ships in the wheel). A partial block's object holds its packed rows only.
 
 An object is the same 4096-byte header plus payload as an fs block file, moved as two buffers in one
 call (header scratch + the caller's buffer), so reads land in the caller's buffer with no copy and
@@ -101,33 +101,40 @@ class MooncakeStore(BlockStore):
         if self.contains(key):
             self.index.touch([key])
             return
-        nbytes = block.raw.numel()
+        payload = self._payload(block, token_count)
+        nbytes = payload.numel()
         if self.capacity_bytes is not None:
             self._delete(self.index.take_victims(self.capacity_bytes, HEADER_BYTES + nbytes, strict=True))
         if self.limiter is not None:
             self.limiter.acquire_write(HEADER_BYTES + nbytes)
         (head,) = self._header_buf(1)
         header = encode_header(
-            key, parent_key, token_count, block.layout.dtype_name, nbytes, block.checksum()
+            key, parent_key, token_count, block.layout.dtype_name, nbytes, payload_checksum(payload)
         )
         byte_view(head)[: len(header)] = header
         (rc,) = self._client.batch_put_from_multi_buffers(
-            [self._name(key)], [[head.data_ptr(), block.raw.data_ptr()]], [[HEADER_BYTES, nbytes]]
+            [self._name(key)], [[head.data_ptr(), payload.data_ptr()]], [[HEADER_BYTES, nbytes]]
         )
         if rc != 0:
             raise StorageError(f"mooncake put of block {key.hex()} failed: {rc}")
         self.index.add(key, HEADER_BYTES + nbytes)
         self.counters.add(bytes_written=nbytes)
 
-    def get_into(self, key: BlockKey, block: FullBlock) -> bool:
-        return self.read_many([(key, block)])[0]
+    def get_into(self, key: BlockKey, block: FullBlock, tokens: int | None = None) -> bool:
+        return self.read_many([(key, block)], None if tokens is None else [tokens])[0]
 
-    def read_many(self, items: Sequence[tuple[BlockKey, FullBlock]]) -> list[bool]:
-        """One batched call: Mooncake runs the transfers in parallel itself."""
+    def read_many(
+        self, items: Sequence[tuple[BlockKey, FullBlock]], tokens: Sequence[int] | None = None
+    ) -> list[bool]:
+        """One batched call: Mooncake runs the transfers in parallel itself. A partial block's packed
+        rows land at the start of its buffer and are unpacked there."""
         if not items:
             return []
+        counts = self._token_counts(items, tokens)
         heads = self._header_buf(len(items))
-        sizes = [[HEADER_BYTES, block.raw.numel()] for _, block in items]
+        sizes = [
+            [HEADER_BYTES, block.layout.packed_nbytes(n)] for (_, block), n in zip(items, counts, strict=True)
+        ]
         if self.limiter is not None:
             self.limiter.acquire_read(sum(h + n for h, n in sizes))
         rcs = self._client.batch_get_into_multi_buffers(
@@ -135,12 +142,14 @@ class MooncakeStore(BlockStore):
             [[h.data_ptr(), b.raw.data_ptr()] for h, (_, b) in zip(heads, items, strict=True)],
             sizes,
         )
-        hits = [self._verify(k, b, h, rc) for (k, b), h, rc in zip(items, heads, rcs, strict=True)]
+        hits = [
+            self._verify(k, b, n, h, rc) for (k, b), n, h, rc in zip(items, counts, heads, rcs, strict=True)
+        ]
         self.index.touch([k for (k, _), hit in zip(items, hits, strict=True) if hit])
         return hits
 
-    def _verify(self, key: BlockKey, block: FullBlock, head: torch.Tensor, rc: int) -> bool:
-        nbytes = block.raw.numel()
+    def _verify(self, key: BlockKey, block: FullBlock, tokens: int, head: torch.Tensor, rc: int) -> bool:
+        nbytes = block.layout.packed_nbytes(tokens)
         if rc < 0:  # absent, evicted, or stored with another size (the buffers do not fit it)
             self.counters.add(misses=1)
             return False
@@ -155,12 +164,14 @@ class MooncakeStore(BlockStore):
             header is None
             or header[0] != key
             or rc != HEADER_BYTES + nbytes
-            or payload_checksum(block.raw) != header[5]
+            or payload_checksum(block.raw[:nbytes]) != header[5]
         ):
             self._client.remove(self._name(key), True)  # nowhere to quarantine: drop it, count it
             self.index.remove(key)
             self.counters.add(misses=1, corrupt=1)
             return False
+        if tokens < block.layout.block_size:
+            block.unpack(tokens)
         self.counters.add(hits=1, bytes_read=nbytes)
         return True
 
