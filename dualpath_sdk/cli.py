@@ -1,63 +1,120 @@
-"""`dualpath demo | info`: the command line."""
+"""`dualpath demo | info | sessions ... | store ...`: the command line.
+
+`demo` (demo.py) starts a cluster and `info` loads the model; `sessions` and `store` open only a
+persistent store (store/admin.py holds their logic, this module prints it), so they run beside a
+live cluster.
+"""
 
 from __future__ import annotations
 
-import torch
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, NoReturn
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from dualpath_sdk.api.cluster import Cluster
-from dualpath_sdk.cluster.controller import PlanChoice
-from dualpath_sdk.model.loader import load_model
+from dualpath_sdk.demo import MAX_TURNS, DemoOptions, run_demo
+from dualpath_sdk.errors import DualPathError, SessionNotFound
+from dualpath_sdk.store.admin import GC_MIN_AGE_S, GcReport, StoreAdmin, open_admin
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dualpath-sdk")
+sessions_app = typer.Typer(
+    no_args_is_help=True, help="Sessions persisted in a store (no engines are started)."
+)
+store_app = typer.Typer(
+    invoke_without_command=True,
+    help="The persistent store: usage (the default) and garbage collection (no engines are started).",
+)
+app.add_typer(sessions_app, name="sessions")
+app.add_typer(store_app, name="store")
 console = Console()
+
+
+class ReadPlan(str, Enum):
+    AUTO = "auto"
+    PE = "pe"
+    DE = "de"
+    SPLIT = "split"
+    ROTATE = "rotate"
+
+
+Storage = Annotated[
+    Path | None,
+    typer.Option(
+        help="store directory (default: the cache's store, $DUALPATH_CACHE/store or ~/.cache/dualpath/store)"
+    ),
+]
+Capacity = Annotated[
+    str | None,
+    typer.Option(help="the capacity the cluster runs the store with (store.capacity_bytes), e.g. 20G"),
+]
 
 
 @app.command()
 def demo(
-    model: str = typer.Option(None, help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)"),
-    storage: str = typer.Option(None, help="store directory (default: ~/.cache/dualpath/store)"),
-    max_tokens: int = typer.Option(48, help="tokens to generate per turn"),
+    sessions: Annotated[int, typer.Option(min=1, max=8, help="agent sessions, run concurrently")] = 3,
+    turns: Annotated[
+        int,
+        typer.Option(
+            min=1, max=MAX_TURNS, help="turns per session: the task, then tool results (logs, files, diffs)"
+        ),
+    ] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1, max=256, help="tokens the model generates per turn")] = 24,
+    storage: Annotated[
+        Path | None,
+        typer.Option(help="store directory, kept afterwards (default: a temporary one, removed at the end)"),
+    ] = None,
+    read_plan: Annotated[
+        ReadPlan,
+        typer.Option(
+            help="where each turn's KV is read: auto (the scheduler's choice), pe, de, split (both), "
+            "or rotate (pe, de, split in turn)"
+        ),
+    ] = ReadPlan.AUTO,
+    temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature (0: greedy)")] = 0.0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="sampling seed of session 1 (+1 per session), when temperature > 0")
+    ] = 0,
+    model: Annotated[
+        str | None,
+        typer.Option(hidden=True, help="HF directory or .gguf file (tests: a tiny model)"),
+    ] = None,
 ) -> None:
-    """An agent conversation on the embedded cluster (one PE and one DE process): each turn after the
-    first reloads the conversation's KV from the store, over the PE path, the DE path, then both."""
-    turns: list[tuple[str, PlanChoice]] = [
-        ("What does `git bisect` do? Two sentences.", "auto"),
-        ("Show the commands for one run of it.", "pe"),
-        ("How do I stop it when I am done?", "de"),
-        ("Summarise the whole procedure in one line.", "split"),
-    ]
-    console.print("[bold]Starting the embedded cluster[/] (1 prefill + 1 decode engine process)...")
-    with Cluster.local(model=model, storage=storage) as cluster:
-        session = cluster.session(system="You are a concise assistant for software engineers.")
-        table = Table("turn", "plan", "prompt", "cached", "gen", "via PE", "via DE", "TTFT ms", "TPOT ms")
-        for turn, (text, plan) in enumerate(turns, start=1):
-            result = session.step(text, max_tokens=max_tokens, read_plan=plan)
-            console.print(f"[bold cyan]user:[/] {text}\n[bold green]assistant:[/] {result.text}\n")
-            table.add_row(
-                str(turn),
-                result.load.plan,
-                str(result.usage.prompt_tokens),
-                str(result.usage.cached_tokens),
-                str(result.usage.completion_tokens),
-                _kib(result.load.bytes_pe),
-                _kib(result.load.bytes_de),
-                f"{result.timings.ttft_s * 1000:.0f}",
-                f"{result.timings.tpot_s * 1000:.1f}",
-            )
-        console.print(table)
-        console.print(f"session {session.id} is persisted: resume it with cluster.session(session_id=...)")
+    """Concurrent coding-agent sessions on the embedded cluster, then the same prompts cold.
 
-
-def _kib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n else "-"
+    One prefill and one decode engine process serve a few scripted agent sessions (a task, then tool
+    results: test logs, a source file, diffs); every turn after the first reloads the session's
+    KV-Cache from the store instead of recomputing it. A live table shows each turn; the summary
+    compares each session's last turn with its prompt prefilled from scratch in another tenant."""
+    options = DemoOptions(
+        sessions=sessions,
+        turns=turns,
+        max_tokens=max_tokens,
+        storage=storage,
+        read_plan=read_plan.value,
+        temperature=temperature,
+        seed=seed,
+        model=model,
+    )
+    try:
+        run_demo(options, console)
+    except DualPathError as exc:
+        _fail(exc)
 
 
 @app.command()
 def info() -> None:
     """Versions and the default model's shape."""
+    import torch
+
+    from dualpath_sdk.model.loader import load_model
+
     loaded = load_model()
     spec = loaded.spec
     console.print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -66,6 +123,227 @@ def info() -> None:
         f"hidden {spec.hidden_size}, "
         f"{spec.num_heads} heads / {spec.num_kv_heads} KV heads, fingerprint {loaded.fingerprint}"
     )
+
+
+# ---- sessions ---------------------------------------------------------------------------------------
+
+
+@sessions_app.command("list")
+def sessions_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's sessions")] = None,
+    storage: Storage = None,
+) -> None:
+    """Every session: id, tenant, tokens, blocks (stored / referenced), pin, last update."""
+    with _admin(storage) as admin:
+        rows = admin.sessions(tenant)
+    table = Table("id", "tenant", "tokens", "blocks", "pinned until", "updated", "parent")
+    for c in table.columns[2:4]:
+        c.justify = "right"
+    for r in rows:
+        if r.damaged is not None:
+            table.add_row(r.session_id, "?", "-", "-", "-", "-", f"[red]damaged: {r.damaged}[/]")
+            continue
+        table.add_row(
+            r.session_id,
+            r.tenant,
+            str(r.tokens),
+            f"{r.blocks_present}/{r.blocks}",
+            _when(r.pinned_until),
+            _when(r.updated_at),
+            r.parent_id or "",
+        )
+    console.print(table)
+    console.print(f"{len(rows)} session(s)")
+
+
+@sessions_app.command("show")
+def sessions_show(
+    session_id: Annotated[str, typer.Argument(help="the session's id")],
+    storage: Storage = None,
+    keys: Annotated[bool, typer.Option("--keys", help="list every block key")] = False,
+) -> None:
+    """One session: its messages, token count, and which of its blocks the store holds."""
+    with _admin(storage) as admin:
+        d = admin.show(session_id)
+    r = d.row
+    console.print(
+        f"[bold]{r.session_id}[/] tenant {r.tenant}, {r.tokens} tokens, created {_when(r.created_at)}, "
+        f"updated {_when(r.updated_at)}" + (f", forked from {r.parent_id}" if r.parent_id else "")
+    )
+    if d.tools:
+        console.print(f"tools: {', '.join(d.tools)}")
+    table = Table("#", "role", "chars", "content", title=f"{len(d.messages)} messages")
+    for i, m in enumerate(d.messages):
+        extra = f"calls {', '.join(m.tool_calls)} " if m.tool_calls else ""
+        extra += f"(result of {m.tool_call_id}) " if m.tool_call_id else ""
+        table.add_row(str(i), m.role, str(m.chars), extra + m.preview)
+    console.print(table)
+    present = len(d.blocks) - d.missing
+    pinned = sum(b.pinned_until is not None for b in d.blocks)
+    stored = sum(b.nbytes or 0 for b in d.blocks)
+    console.print(
+        f"blocks: {len(d.blocks)} referenced, {present} present ({_size(stored)}), {d.missing} missing, "
+        f"{pinned} pinned" + (f" until {_when(r.pinned_until)}" if r.pinned_until else "")
+    )
+    for b in d.blocks:
+        if keys or not b.present:
+            state = "present" if b.present else "[red]missing[/]"
+            console.print(f"  {b.key} {state}" + (" pinned" if b.pinned_until else ""))
+
+
+@sessions_app.command("delete")
+def sessions_delete(
+    session_id: Annotated[str, typer.Argument(help="the session's id")],
+    storage: Storage = None,
+    blocks: Annotated[
+        bool, typer.Option("--blocks", help="also remove its blocks that no other session references")
+    ] = False,
+) -> None:
+    """Delete a session's manifest and drop its pins.
+
+    Its blocks stay until evicted or collected (`dualpath store gc --unreferenced`), or go now with
+    --blocks. Refused while one of its steps runs."""
+    with _admin(storage) as admin:
+        done = admin.delete(session_id, blocks=blocks)
+    console.print(
+        f"deleted session {done.session_id} (tenant {done.tenant}), {done.pins_dropped} pin(s) dropped"
+        + (f", {done.blocks_removed} block(s) removed" if blocks else "")
+    )
+
+
+# ---- the store --------------------------------------------------------------------------------------
+
+
+@store_app.callback()
+def store_main(ctx: typer.Context, storage: Storage = None, capacity: Capacity = None) -> None:
+    """Without a command: usage. `--storage` given here applies to the command too."""
+    ctx.obj = {"storage": storage, "capacity": capacity}
+    if ctx.invoked_subcommand is None:
+        store_usage(ctx, storage, capacity)
+
+
+@store_app.command("usage")
+def store_usage(ctx: typer.Context, storage: Storage = None, capacity: Capacity = None) -> None:
+    """Stored bytes against capacity, pinned and unpinned bytes, block and session counts."""
+    given = ctx.obj or {}
+    capacity = capacity or given.get("capacity")
+    with _admin(storage or given.get("storage"), _parse_size(capacity) if capacity else None) as admin:
+        u = admin.usage()
+    if u.capacity_bytes is not None:
+        limit = f"capacity {_size(u.capacity_bytes)} ({u.stored_bytes / u.capacity_bytes:.1%} used)"
+    else:
+        limit = "capacity unbounded (--capacity: the cluster's store.capacity_bytes)"
+    console.print(f"store {u.root}")
+    rows = [
+        ("stored", u.stored_bytes, u.blocks, limit),
+        ("pinned", u.pinned_bytes, u.pinned_blocks, "live pins"),
+        ("unpinned", u.unpinned_bytes, u.blocks - u.pinned_blocks, "evictable"),
+    ]
+    for name, nbytes, blocks, note in rows:
+        console.print(f"  {name:<12} {_size(nbytes)} ({nbytes:,} bytes) in {blocks} blocks, {note}")
+    console.print(f"  sessions     {u.sessions}, expired pins {u.expired_pins}")
+    console.print(f"  quarantined  {u.quarantined_files} file(s), {_size(u.quarantined_bytes)}")
+    console.print(f"  file system  {_size(u.fs_free_bytes)} free of {_size(u.fs_total_bytes)}")
+
+
+@store_app.command("gc")
+def store_gc(
+    ctx: typer.Context,
+    storage: Storage = None,
+    unreferenced: Annotated[
+        bool,
+        typer.Option(
+            "--unreferenced", help="also remove blocks no session references and no live pin protects"
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print what would be removed, remove nothing")
+    ] = False,
+    min_age: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="seconds: leave block files younger, and blocks used more recently, than this alone "
+            "(a running step's blocks are in no manifest until it ends)",
+        ),
+    ] = GC_MIN_AGE_S,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="list every pin, file and block removed")
+    ] = False,
+) -> None:
+    """Remove expired pins and orphaned blocks; prints what it removed.
+
+    Orphans: block files the index does not know, index rows whose file is gone. With
+    --unreferenced, also blocks that no session references and no live pin protects."""
+    with _admin(storage or (ctx.obj or {}).get("storage")) as admin:
+        report = admin.gc(unreferenced=unreferenced, dry_run=dry_run, min_age_s=min_age)
+    _print_gc(report, verbose)
+
+
+def _print_gc(report: GcReport, verbose: bool) -> None:
+    verb = "would remove" if report.dry_run else "removed"
+    orphan_bytes = _size(sum(f.nbytes for f in report.orphan_files))
+    unreferenced_bytes = _size(sum(b.nbytes for b in report.unreferenced))
+    lines = [
+        (f"{len(report.expired_pins)} expired pin(s)", [f"{p.owner} {p.key}" for p in report.expired_pins]),
+        (
+            f"{len(report.orphan_files)} orphan block file(s) ({orphan_bytes})",
+            [str(f.path) for f in report.orphan_files],
+        ),
+        (f"{len(report.stale_rows)} index row(s) without a file", [r.key for r in report.stale_rows]),
+        (
+            f"{len(report.unreferenced)} unreferenced block(s) ({unreferenced_bytes})",
+            [b.key for b in report.unreferenced],
+        ),
+    ]
+    for head, items in lines:
+        console.print(f"{verb} {head}")
+        if verbose:
+            for item in items:
+                console.print(f"  {item}")
+    console.print(f"{'would free' if report.dry_run else 'freed'} {_size(report.freed_bytes)}")
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _admin(storage: Path | None, capacity: int | None = None) -> Iterator[StoreAdmin]:
+    """The store opened for a command; its errors (none there, a session not found, busy) are
+    printed, not a traceback."""
+    try:
+        with open_admin(storage, capacity) as admin:
+            yield admin
+    except DualPathError as exc:
+        _fail(exc)
+
+
+def _fail(exc: DualPathError) -> NoReturn:
+    what = f"no session {exc.args[0]}" if isinstance(exc, SessionNotFound) else str(exc)
+    console.print(f"[red]error ({type(exc).__name__}):[/] {what}")
+    raise typer.Exit(1)
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise typer.BadParameter(f"{text!r} is not a size such as 20G or 512M", param_hint="--capacity")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _size(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{int(n):,} B" if i == 0 else f"{n:,.1f} {units[i]}"
+
+
+def _when(t: float | None) -> str:
+    return "-" if not t else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 if __name__ == "__main__":

@@ -186,3 +186,43 @@ class BlockIndex:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None
+
+    # ---- for the operator commands (store/admin.py) --------------------------------------------
+    def entries(self) -> list[tuple[BlockKey, int, float]]:
+        """Every indexed block: (key, bytes on disk, last used)."""
+        rows = self._read("SELECT key, nbytes, last_used FROM blocks")
+        return [(bytes(k), int(n), float(t)) for k, n, t in rows]  # type: ignore[call-overload, arg-type]
+
+    def pins(self, owner: str | None = None) -> list[tuple[str, BlockKey, float]]:
+        """Pins, live and expired (all, or `owner`'s): (owner, key, expires)."""
+        if owner is None:
+            rows = self._read("SELECT owner, key, expires FROM pins")
+        else:
+            rows = self._read("SELECT owner, key, expires FROM pins WHERE owner=?", (owner,))
+        return [(str(o), bytes(k), float(e)) for o, k, e in rows]  # type: ignore[call-overload, arg-type]
+
+    def drop_expired_pins(self) -> list[tuple[str, BlockKey, float]]:
+        """Remove the pins whose TTL has run out; returns them (owner, key, expires)."""
+        now = self.clock()
+
+        def fn(db: sqlite3.Connection) -> list[tuple[str, BlockKey, float]]:
+            rows = db.execute("SELECT owner, key, expires FROM pins WHERE expires<=?", (now,)).fetchall()
+            db.execute("DELETE FROM pins WHERE expires<=?", (now,))
+            return [(str(o), bytes(k), float(e)) for o, k, e in rows]
+
+        return list(self._write(fn))  # type: ignore[call-overload]
+
+    def remove_unpinned(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
+        """Forget those of `keys` that no live pin protects, in one transaction; returns them (the
+        caller deletes their data after this commit, as after `take_victims`)."""
+        now = self.clock()
+
+        def fn(db: sqlite3.Connection) -> list[BlockKey]:
+            removed = []
+            for key in keys:
+                pinned = db.execute("SELECT 1 FROM pins WHERE key=? AND expires>?", (key, now)).fetchone()
+                if not pinned and db.execute("DELETE FROM blocks WHERE key=?", (key,)).rowcount:
+                    removed.append(key)
+            return removed
+
+        return list(self._write(fn))  # type: ignore[call-overload]
