@@ -223,8 +223,9 @@ def test_a_hostile_request_past_the_boundary_fails_alone_typed(cluster: Cluster,
     ]:
         params = SamplingParams(max_tokens=4)
         object.__setattr__(params, field, bad)
-        error = _end(controller.submit(StepRequest(_prompt(3), params, "default", []))[1])
-        assert isinstance(error, dp.InvalidInput), (field, error)  # ContextTooLong for 10**9 tokens
+        _, events = controller.submit(StepRequest(_prompt(3), params, "default", []))
+        error = events.get(timeout=60)  # refused before any token: ContextTooLong for 10**9 tokens
+        assert isinstance(error, dp.InvalidInput), (field, error)
     error = _end(controller.submit(StepRequest([1, 2, 10**6], SamplingParams(), "default", []))[1])
     assert isinstance(error, dp.InvalidInput)
     streamer.join()
@@ -435,3 +436,23 @@ def test_an_engine_restart_is_counted(chat_pair: Pair, tmp_path: Path) -> None:
             time.sleep(0.1)
         assert _pids(cluster)["de0"] != old
         assert cluster.session().step_tokens([1, 2, 3], max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_a_prefill_engine_dying_leaves_the_steps_decoding_on_their_decode_engine(
+    chat_pair: Pair, tmp_path: Path
+) -> None:
+    """Found by the fault benchmark: a PE's death used to fail the steps already decoding elsewhere."""
+    with _local(chat_pair, tmp_path) as cluster:
+        session = cluster.session(system="You are terse.")
+        generated: list[int] = []
+        for i, chunk in enumerate(session.stream("tell me a long story", max_tokens=600, ignore_eos=True)):
+            generated += chunk.token_ids
+            if i == 0:
+                cluster.kill_engine("pe0")
+        deadline = time.monotonic() + 30
+        while cluster.metrics().get_sample_value("dualpath_engine_restarts_total", {"engine": "pe0"}) != 1:
+            assert time.monotonic() < deadline, "the PE's death was never noticed"
+            time.sleep(0.1)
+        assert len(generated) == 600
+        prompt = session.token_ids[: -len(generated)]
+        assert generated == hf_greedy(chat_pair, prompt, 600)

@@ -190,15 +190,17 @@ class Controller:
                 self.engine_ready.wait(left)
 
     def engine_died(self, engine_id: str) -> None:
-        """Called by the launcher's health check: retry or fail every step that used the engine."""
+        """Called by the launcher's health check: retry or fail every step that still needs the
+        engine. A step already decoding needs only its DE: its PE's death leaves it streaming."""
         with self.lock:
             engine = self.engines.get(engine_id)
             if engine is None or not engine.alive:
                 return
             engine.alive = False
             engine.conn.close()
-            for step in [s for s in self.steps.values() if engine_id in (s.pe, s.de)]:
-                self._retry_or_fail(step, f"engine {engine_id} died")
+            for step in list(self.steps.values()):
+                if step.de == engine_id or (step.pe == engine_id and step.prefilled is None):
+                    self._retry_or_fail(step, f"engine {engine_id} died")
 
     def last_seen(self) -> dict[str, float]:
         with self.lock:

@@ -133,6 +133,12 @@ class PrefillWorker:
         buffer has slots for them (never blocking the loop, whose prefills free the slots)."""
         task.params.check()
         check_token_ids(task.token_ids, self.model.spec.vocab_size)
+        limit = self.model.spec.max_position
+        if len(task.token_ids) + task.params.max_tokens > limit:  # refused before any token streams
+            raise ContextTooLong(
+                f"{len(task.token_ids)} prompt tokens + max_tokens {task.params.max_tokens} exceed the "
+                f"context of {limit}"
+            )
         pending = _Pending(task)
         if pending.reading and len(task.pe_reads) > self.buffer.capacity:
             raise ContextTooLong(
