@@ -28,6 +28,7 @@ from dualpath_sdk.store.aligned import aligned_empty
 from dualpath_sdk.store.backend import BlockStore
 from dualpath_sdk.store.fs import FsStore
 from dualpath_sdk.store.mooncake import INSTALL_HINT, MooncakeStore, master_binary
+from tests.conftest import mounted_tmpfs
 
 # 15360 bytes: not a whole number of pages, so the direct-I/O tail path runs too.
 LAYOUT = KVLayout(num_layers=3, block_size=16, num_kv_heads=2, head_dim=40, dtype=torch.float16)
@@ -504,17 +505,8 @@ def test_several_processes_read_and_write_one_store(tmp_path: Path) -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs: a real ENOSPC."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root and mount(8)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount tmpfs here: {result.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
+    with mounted_tmpfs(tmp_path / "small", "1m") as mount:
+        yield mount
 
 
 def test_disk_full_is_a_storage_error_with_nothing_partial(small_tmpfs: Path) -> None:
