@@ -319,4 +319,13 @@ def test_metrics_count_what_the_steps_returned(cluster: Cluster) -> None:
     )
     assert value("dualpath_tokens_total", kind="generated") - before["generated"] == 15
     assert value("dualpath_ttft_seconds_count") - ttft_count == 3
-    assert b"dualpath_engine_free_tokens" in generate_latest(registry)  # the Prometheus text format
+
+    def hits() -> float:
+        return sum(value("dualpath_store_block_reads", engine=e, result="hit") for e in ("pe0", "de0"))
+
+    deadline = time.monotonic() + 10  # an engine's report may trail its step's end
+    while hits() < sum(r.usage.cached_tokens for r in results) // BLOCK:  # the engines read what was cached
+        assert time.monotonic() < deadline, hits()
+        time.sleep(0.05)
+    text = generate_latest(registry)  # the Prometheus text format
+    assert b"dualpath_engine_free_tokens" in text and b"dualpath_buffer_used_ratio" in text

@@ -266,9 +266,7 @@ class Controller:
         if isinstance(message, Report):
             engine.report = message
             h = engine.hello
-            self.metrics.engine_report(
-                h.engine_id, message.tokens, message.read_q, message.free_tokens, h.role
-            )
+            self.metrics.engine_report(h.engine_id, h.role, message)
             self._dispatch()  # a step waiting for beta or DE memory may fit now
             return
         if isinstance(message, Fetch):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from dualpath_sdk.engine.messages import Report
+
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -75,6 +77,19 @@ class Metrics:
             registry=r,
         )
 
+        self.buffer_used = Gauge(
+            "dualpath_buffer_used_ratio",
+            "Share of an engine's host buffer slots in use",
+            ["engine"],
+            registry=r,
+        )
+        self.store_reads = Gauge(
+            "dualpath_store_block_reads",
+            "Full Block reads of an engine's process so far (from 0 again after a restart), by result",
+            ["engine", "result"],
+            registry=r,
+        )
+
     def step_finished(
         self,
         prompt: int,
@@ -96,8 +111,12 @@ class Metrics:
         if generated > 1:
             self.tpot.observe(decode_s / (generated - 1))
 
-    def engine_report(self, engine: str, tokens: int, read_q: int, free_tokens: int, role: str) -> None:
-        self.engine_tokens.labels(engine).set(tokens)
-        self.engine_read_queue.labels(engine).set(read_q)
+    def engine_report(self, engine: str, role: str, report: Report) -> None:
+        self.engine_tokens.labels(engine).set(report.tokens)
+        self.engine_read_queue.labels(engine).set(report.read_q)
         if role == "de":
-            self.engine_free_tokens.labels(engine).set(free_tokens)
+            self.engine_free_tokens.labels(engine).set(report.free_tokens)
+        if report.buffer_slots:
+            self.buffer_used.labels(engine).set(1 - report.buffer_free / report.buffer_slots)
+        for result, n in zip(("hit", "miss", "quarantined"), report.store_reads, strict=True):
+            self.store_reads.labels(engine, result).set(n)

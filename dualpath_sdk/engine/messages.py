@@ -44,6 +44,9 @@ class Report:
     read_q: int
     free_tokens: int = 0
     read_tps: float = 0.0
+    buffer_free: int = 0  # slots of the engine's host buffer (PE or DE buffer) not in use
+    buffer_slots: int = 0
+    store_reads: tuple[int, int, int] = (0, 0, 0)  # this engine's block reads so far: hits, misses, corrupt
 
 
 @dataclass(frozen=True)

@@ -181,8 +181,18 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
 
     def report() -> Report:
         free = worker.free_tokens if isinstance(worker, DecodeWorker) else 0
-        reads = worker.reads
-        return Report(spec.engine_id, worker.num_requests, worker.num_tokens, reads.tokens, free, reads.rate)
+        reads, buffer, c = worker.reads, worker.buffer, store.counters
+        return Report(
+            spec.engine_id,
+            worker.num_requests,
+            worker.num_tokens,
+            reads.tokens,
+            free,
+            reads.rate,
+            buffer_free=buffer.free,
+            buffer_slots=buffer.capacity,
+            store_reads=(c.hits, c.misses, c.corrupt),
+        )
 
     last_report: Report | None = None
     heartbeat = _Heartbeat(channel)
