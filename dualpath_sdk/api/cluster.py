@@ -57,8 +57,7 @@ class Cluster:
         except (OSError, ValueError) as exc:
             raise InvalidInput(f"cannot read the model's config in {path}: {exc}") from None
         spec = ModelSpec.from_hf_config(hf_config)
-        self.block_size = config.engine.block_size
-        self.tokenizer: PreTrainedTokenizerBase | None = (
+        tokenizer: PreTrainedTokenizerBase | None = (
             AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
         )
         check_writable(config.store.root)
@@ -71,13 +70,13 @@ class Cluster:
             raise
         hello = next(iter(self._launcher.controller.engines.values())).hello
         self.facts = ModelFacts(
-            tokenizer=self.tokenizer,
+            tokenizer=tokenizer,
             vocab_size=spec.vocab_size,
             max_context=spec.max_position,
-            block_size=self.block_size,
+            block_size=config.engine.block_size,
             mode=config.mode,
             read_plan=config.read_plan,
-            root_key=partial(namespace_key, hello.fingerprint, hello.kv_dtype, self.block_size),
+            root_key=partial(namespace_key, hello.fingerprint, hello.kv_dtype, config.engine.block_size),
         )
         self._closed = False
 
@@ -163,7 +162,7 @@ class Cluster:
 
     def cached_prefix(self, tenant: str, prompt: list[int], history: int) -> tuple[list[BlockKey], int]:
         store = None if self.config.mode == "oracle" else self.store  # oracle: the history counts as cached
-        return cached_prefix(store, self.facts.root_key(tenant), prompt, self.block_size, history)
+        return cached_prefix(store, self.facts.root_key(tenant), prompt, self.facts.block_size, history)
 
     def submit(self, request: StepRequest) -> _Step:
         return _Step(self._launcher.controller, request)
