@@ -1,16 +1,21 @@
 """dualpath-sdk: agent sessions whose KV-Cache is reloaded over both prefill and decode storage paths."""
 
 from dualpath_sdk.api.cluster import Cluster
+from dualpath_sdk.api.remote import RemoteCluster
 from dualpath_sdk.api.result import Load, Persist, StepChunk, StepResult, Timings, Usage
 from dualpath_sdk.api.session import Session
 from dualpath_sdk.config import ClusterConfig, EngineConfig, SchedulerConfig, StoreConfig, TransferConfig
 from dualpath_sdk.errors import (
+    AuthenticationError,
     BufferTimeout,
     ContextTooLong,
     DualPathError,
     EngineUnavailable,
     InvalidInput,
     ManifestCorrupt,
+    PermissionDenied,
+    QueueFull,
+    RequestTooLarge,
     SessionBusy,
     SessionNotFound,
     StepTimeout,
@@ -19,6 +24,7 @@ from dualpath_sdk.errors import (
 )
 
 __all__ = [
+    "AuthenticationError",
     "BufferTimeout",
     "Cluster",
     "ClusterConfig",
@@ -29,7 +35,11 @@ __all__ = [
     "InvalidInput",
     "Load",
     "ManifestCorrupt",
+    "PermissionDenied",
     "Persist",
+    "QueueFull",
+    "RemoteCluster",
+    "RequestTooLarge",
     "SchedulerConfig",
     "Session",
     "SessionBusy",

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dualpath_sdk.demo import MAX_TURNS, DemoOptions, run_demo
-from dualpath_sdk.errors import DualPathError, SessionNotFound
+from dualpath_sdk.errors import DualPathError
 from dualpath_sdk.store.admin import GC_MIN_AGE_S, GcReport, StoreAdmin, open_admin
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dualpath-sdk")
@@ -319,7 +319,7 @@ def _admin(storage: Path | None, capacity: int | None = None) -> Iterator[StoreA
 
 
 def _fail(exc: DualPathError) -> NoReturn:
-    what = f"no session {exc.args[0]}" if isinstance(exc, SessionNotFound) else str(exc)
+    what = str(exc)
     console.print(f"[red]error ({type(exc).__name__}):[/] {what}")
     raise typer.Exit(1)
 

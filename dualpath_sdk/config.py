@@ -124,3 +124,6 @@ class ClusterConfig(_Config):
     buffer_slots: int = Field(default=256, ge=1, description="Full Block slots of each node's host buffer")
     threads_per_engine: int = Field(default=1, ge=1, description="torch threads of each engine process")
     startup_timeout_s: float = Field(default=180.0, gt=0)
+    max_steps: int = Field(
+        default=256, ge=1, description="steps admitted at once, queued or running; beyond: QueueFull"
+    )

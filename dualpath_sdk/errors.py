@@ -21,8 +21,23 @@ class ContextTooLong(InvalidInput):
     """The prompt plus max_tokens does not fit the model's context window or the engines' memory."""
 
 
+class RequestTooLarge(InvalidInput):
+    """A request body over the gateway's limit; it was not read."""
+
+
+class AuthenticationError(DualPathError):
+    """The gateway was called without an API key, or with one it does not know."""
+
+
+class PermissionDenied(DualPathError):
+    """The API key is valid but names another tenant than the one the request asks for."""
+
+
 class SessionNotFound(DualPathError, KeyError):
     """No session manifest exists under that id."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class SessionBusy(DualPathError):
@@ -32,6 +47,11 @@ class SessionBusy(DualPathError):
 
 class EngineUnavailable(DualPathError):
     """No healthy engine could serve the request (engines died, or the cluster is closed)."""
+
+
+class QueueFull(DualPathError):
+    """The cluster already holds as many steps as it admits (`ClusterConfig.max_steps`): retry later.
+    Nothing was submitted."""
 
 
 class StepTimeout(DualPathError, TimeoutError):

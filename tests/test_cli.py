@@ -149,7 +149,7 @@ def test_sessions_delete_drops_manifest_and_pins(laid: Laid) -> None:
         assert all(admin.store.contains(k) for k in laid.beta)  # blocks stay until collected
     assert "beta" not in cli("sessions", "list", "--storage", str(laid.root))
     again = runner.invoke(app, ["sessions", "delete", "beta", "--storage", str(laid.root)])
-    assert again.exit_code == 1 and "no session beta" in again.output
+    assert again.exit_code == 1 and "no session 'beta'" in again.output
 
 
 def test_sessions_delete_with_blocks_keeps_shared_ones(laid: Laid) -> None:

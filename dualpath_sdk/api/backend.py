@@ -58,6 +58,7 @@ class Backend(Protocol):
 
     def unpin(self, session_id: str) -> None: ...
 
-    def fork(self, manifest: SessionManifest) -> SessionManifest:
-        """A new session's manifest that shares every block of `manifest`'s session."""
+    def fork(self, manifest: SessionManifest, at: tuple[int, int] | None = None) -> SessionManifest:
+        """A new session's manifest that shares every block of `manifest`'s session (up to its
+        mark `at`, when given)."""
         ...

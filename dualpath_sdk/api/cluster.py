@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from dualpath_sdk.api.flow import ModelFacts
 from dualpath_sdk.api.inputs import ResumeOptions, SessionOptions, validated
-from dualpath_sdk.api.session import Session
+from dualpath_sdk.api.remote import RemoteCluster
+from dualpath_sdk.api.session import LocalSession, Session
 from dualpath_sdk.cluster.controller import Controller, Event, StepOutcome, StepRequest
 from dualpath_sdk.cluster.launcher import LocalLauncher
 from dualpath_sdk.config import ClusterConfig, StoreConfig
@@ -36,7 +37,7 @@ from dualpath_sdk.model.spec import ModelSpec
 from dualpath_sdk.store import BlockStore, open_store
 from dualpath_sdk.store.limiter import granted_bytes
 from dualpath_sdk.store.manifest import Lease, ManifestStore, SessionManifest
-from dualpath_sdk.store.prefix import cached_prefix
+from dualpath_sdk.store.prefix import cached_prefix, history_keys
 
 STEP_TIMEOUT_S = 600.0
 log = logging.getLogger(__name__)
@@ -112,6 +113,12 @@ class Cluster:
             raise InvalidInput(f"bad cluster configuration: {exc}") from None
         return cls(config)
 
+    @staticmethod
+    def connect(url: str, api_key: str | None = None, timeout_s: float = STEP_TIMEOUT_S) -> RemoteCluster:
+        """The sessions of a cluster behind a gateway (`dualpath serve`), with the same Session API
+        over HTTP; `api_key` names the tenant on a gateway with keys."""
+        return RemoteCluster(url, api_key=api_key, timeout_s=timeout_s)
+
     # ---- sessions ---------------------------------------------------------------------------------
 
     def session(
@@ -132,10 +139,12 @@ class Cluster:
         manifest = self.manifests.new(o.tenant, o.ttl_s, o.session_id or secrets.token_hex(16))
         if o.system is not None:
             manifest = self.manifests.save(
-                manifest.model_copy(update={"messages": [{"role": "system", "content": o.system}]}),
+                manifest.model_copy(
+                    update={"messages": [{"role": "system", "content": o.system}], "marks": [(1, 0)]}
+                ),
                 expect_version=manifest.version,
             )
-        return Session(self, manifest)
+        return LocalSession(self, manifest)
 
     def resume(self, session_id: str, tenant: str = "default") -> Session:
         """A session as last saved, also after a restart; SessionNotFound when there is none of
@@ -144,8 +153,8 @@ class Cluster:
         self.check_open()
         manifest = self.manifests.load(o.session_id)
         if manifest.tenant != o.tenant:
-            raise SessionNotFound(o.session_id)
-        return Session(self, manifest)
+            raise SessionNotFound(f"no session {o.session_id!r}")
+        return LocalSession(self, manifest)
 
     def sessions(self, tenant: str = "default") -> list[str]:
         """The ids of `tenant`'s sessions, oldest first."""
@@ -182,8 +191,15 @@ class Cluster:
     def unpin(self, session_id: str) -> None:
         self.store.unpin(session_id)
 
-    def fork(self, manifest: SessionManifest) -> SessionManifest:
-        return self.manifests.fork(manifest.session_id, secrets.token_hex(16), blocks=self.store)
+    def fork(self, manifest: SessionManifest, at: tuple[int, int] | None = None) -> SessionManifest:
+        root, bs = self.facts.root_key(manifest.tenant), self.facts.block_size
+        return self.manifests.fork(
+            manifest.session_id,
+            secrets.token_hex(16),
+            blocks=self.store,
+            at=at,
+            keys_of=lambda tokens: history_keys(root, tokens, bs),
+        )
 
     # ---- operating it ----------------------------------------------------------------------------
 
@@ -195,6 +211,11 @@ class Cluster:
     def storage_nic_bytes(self) -> dict[str, tuple[float, float]]:
         """Bytes each node's storage NIC has read and written so far: {node: (read, written)}."""
         return {node: granted_bytes(node) for node in self._launcher.nodes}
+
+    def health(self) -> dict[str, bool]:
+        """Whether each engine ("pe0", "de0", ...) is up now (none once the cluster is closed)."""
+        alive = {} if self._closed else self._launcher.controller.last_seen()
+        return {spec.engine_id: spec.engine_id in alive for spec in self._launcher.specs}
 
     def kill_engine(self, engine_id: str) -> int:
         """SIGKILL one engine process ("pe0", "de0", ...); the cluster retries and respawns it."""

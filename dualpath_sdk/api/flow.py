@@ -199,6 +199,7 @@ def step_flow(facts: ModelFacts, manifest: SessionManifest, step: PreparedStep) 
         "messages": messages,
         "block_keys": [k.hex() for k in all_keys],
         "tools": step.tools,
+        "marks": [*manifest.marks, (len(messages), len(tokens))],
     }
     yield Commit(manifest.model_copy(update=update), all_keys)
     return _result(content if calls else text, generated, prompt, event, reason, calls)

@@ -42,7 +42,14 @@ from dualpath_sdk.engine.messages import (
     Tokens,
 )
 from dualpath_sdk.engine.sequence import SamplingParams
-from dualpath_sdk.errors import RETRYABLE, DualPathError, EngineUnavailable, InvalidInput, from_wire
+from dualpath_sdk.errors import (
+    RETRYABLE,
+    DualPathError,
+    EngineUnavailable,
+    InvalidInput,
+    QueueFull,
+    from_wire,
+)
 from dualpath_sdk.scheduler import (
     NO_READ,
     EngineReport,
@@ -154,6 +161,9 @@ class Controller:
         with self.lock:
             if self._closed:
                 raise EngineUnavailable("the cluster is closed")
+            if len(self.steps) >= self.config.max_steps:
+                self.metrics.queue_full.inc()
+                raise QueueFull(f"the cluster holds {len(self.steps)} steps, its limit: retry later")
             step = _Step(f"r{next(self._ids)}", request, queue.Queue())
             self.steps[step.req_id] = step
             self.queue.append(step)

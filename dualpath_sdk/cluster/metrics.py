@@ -36,6 +36,11 @@ class Metrics:
             "Steps whose blocks could not be pinned (they stay, unprotected)",
             registry=r,
         )
+        self.queue_full = Counter(
+            "dualpath_queue_full_refusals",
+            "Steps refused because the cluster held max_steps already (QueueFull)",
+            registry=r,
+        )
         self.engine_restarts = Counter(
             "dualpath_engine_restarts",
             "Engine processes respawned after they died or hung",

@@ -88,6 +88,8 @@ class SessionManifest(BaseModel):
     messages: list[dict[str, Any]] = Field(default_factory=list)
     block_keys: list[str] = Field(default_factory=list)
     tools: list[dict[str, Any]] = Field(default_factory=list)  # fixed by the first step that names them
+    # (messages, tokens) at the start and after each step: where a fork may cut the history
+    marks: list[tuple[int, int]] = Field(default_factory=list)
     ttl_s: float = Field(3600.0, gt=0)
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -278,7 +280,11 @@ class ManifestStore:
         now = self.clock()
         return self._create(
             SessionManifest(
-                session_id=session_id or uuid.uuid4().hex, tenant=tenant, ttl_s=ttl_s, created_at=now
+                session_id=session_id or uuid.uuid4().hex,
+                tenant=tenant,
+                ttl_s=ttl_s,
+                created_at=now,
+                marks=[(0, 0)],
             )
         )
 
@@ -374,7 +380,7 @@ class ManifestStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise SessionNotFound(session_id) from None
+            raise SessionNotFound(f"no session {session_id!r}") from None
         except OSError as exc:
             raise StorageError(f"reading session {session_id}: {exc}") from exc
         head, _, body = data.partition(b"\n")
@@ -402,19 +408,36 @@ class ManifestStore:
         return manifests
 
     def fork(
-        self, session_id: str, child_id: str | None = None, blocks: BlockStore | None = None
+        self,
+        session_id: str,
+        child_id: str | None = None,
+        blocks: BlockStore | None = None,
+        at: tuple[int, int] | None = None,
+        keys_of: Callable[[list[int]], list[BlockKey]] | None = None,
     ) -> SessionManifest:
         """A new session (version 1) that starts where `session_id` is, sharing (and pinning for
-        itself) its blocks. The parent is read as last saved; it needs no lease."""
+        itself) its blocks. The parent is read as last saved; it needs no lease.
+
+        `at`, one of the parent's marks, cuts the child's history there: its first `at[0]` messages
+        and `at[1]` tokens, whose block keys `keys_of` gives (the keys of the rest are not its)."""
         parent = self.load(session_id)
+        marks, messages, tokens, keys = parent.marks, parent.messages, parent.token_ids, parent.keys
+        if at is not None:
+            if at not in marks or keys_of is None:
+                raise InvalidInput(f"{at} is not a mark of session {session_id}: {marks}")
+            marks = marks[: marks.index(at) + 1]
+            messages, tokens = messages[: at[0]], tokens[: at[1]]
+            keys = keys_of(tokens)
         child = self._create(
             SessionManifest(
                 session_id=child_id or uuid.uuid4().hex,
                 tenant=parent.tenant,
                 parent_id=parent.session_id,
-                token_ids=list(parent.token_ids),
-                messages=[dict(m) for m in parent.messages],
-                block_keys=list(parent.block_keys),
+                token_ids=list(tokens),
+                messages=[dict(m) for m in messages],
+                block_keys=[k.hex() for k in keys],
+                tools=parent.tools if tokens else [],
+                marks=list(marks),
                 ttl_s=parent.ttl_s,
                 created_at=self.clock(),
             )
