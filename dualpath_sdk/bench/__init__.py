@@ -10,5 +10,6 @@ BENCHMARKS = {
     "store": "fs block reads/writes beside the raw device; the storage-NIC limiter's accuracy",
     "transfer": "local and mooncake transports beside a memcpy and a plain socket of the same bytes",
     "cluster": "basic, dualpath, split reads and oracle clusters on storage-bound agent workloads",
+    "gateway": "agent turns in-process beside the same turns through the gateway (HTTP + SSE): TTFT, steps/s",
     "faults": "agent sessions on 1P1D/1P2D under engine kills, damaged blocks, a full store, bad requests",
 }
