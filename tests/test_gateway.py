@@ -15,7 +15,9 @@ import pytest
 
 import dualpath_sdk as dp
 from dualpath_sdk.api.cluster import Cluster
+from dualpath_sdk.api.wire import error_from_json, error_json, status_of
 from dualpath_sdk.config import EngineConfig
+from dualpath_sdk.errors import _kinds
 from dualpath_sdk.gateway import Keys, create_app
 from dualpath_sdk.gateway.serve import in_thread
 from tests.conftest import Pair
@@ -99,7 +101,25 @@ def test_bad_requests_get_typed_errors_and_change_nothing(open_url: str) -> None
     assert http.get(f"/v1/sessions/{sid}").json() == before
     assert _error(http.get("/v1/sessions/no-such-session")) == (404, "SessionNotFound")
     assert _error(http.post("/v1/sessions", json={"session_id": "bad id!"})) == (400, "InvalidInput")
+    assert _error(http.post("/v1/sessions", json={"sytem": "typo"})) == (400, "InvalidInput")
+    assert _error(http.post("/v1/sessions", json={"ttl_s": "long"})) == (400, "InvalidInput")
     assert _error(http.post("/v1/sessions", json={"session_id": sid})) == (400, "InvalidInput")  # exists
+
+
+@pytest.mark.parametrize("kind", sorted(_kinds(dp.DualPathError)))
+def test_every_error_kind_crosses_http_as_its_class(kind: str) -> None:
+    exc = _kinds(dp.DualPathError)[kind]("why")
+    status = status_of(exc)
+    assert 400 <= status < 600
+    back = error_from_json(status, error_json(exc))
+    assert type(back) is type(exc) and str(back) == "why"
+
+
+def test_an_error_body_of_another_shape_is_read_by_its_status() -> None:  # a proxy's, say
+    expected = {400: dp.InvalidInput, 404: dp.SessionNotFound, 429: dp.QueueFull, 503: dp.EngineUnavailable}
+    for status, cls in expected.items():
+        assert type(error_from_json(status, "<html>bad gateway</html>")) is cls
+    assert type(error_from_json(502, {"detail": "x"})) is dp.DualPathError
 
 
 def test_a_step_reports_its_result_and_the_session_its_cache(open_url: str) -> None:

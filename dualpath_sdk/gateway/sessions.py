@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dualpath_sdk.api.cluster import Cluster
-from dualpath_sdk.api.inputs import _Strict, validated
+from dualpath_sdk.api.inputs import SessionOptions, _Strict, validated
 from dualpath_sdk.api.result import StepChunk, StepResult
 from dualpath_sdk.api.session import Session
 from dualpath_sdk.api.wire import CHUNK, ERROR, RESULT, chunk_json, error_json, result_json, session_json
@@ -55,7 +55,8 @@ class ForkBody(_Strict):
 async def create(request: Request) -> Response:
     body = await body_json(request)
     tenant = tenant_for(request, body.pop("tenant", None))
-    session = await anyio.to_thread.run_sync(partial(_cluster(request).session, tenant=tenant, **body))
+    o = validated(SessionOptions, "session", {**body, "tenant": tenant})
+    session = await anyio.to_thread.run_sync(partial(_cluster(request).session, **o.model_dump()))
     return JSONResponse(session_json(session), 201)
 
 
