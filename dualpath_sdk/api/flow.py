@@ -25,13 +25,13 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from dualpath_sdk.api.inputs import StepOptions
+from dualpath_sdk.api.inputs import NamedToolChoice, StepOptions
 from dualpath_sdk.api.result import Load, Persist, StepChunk, StepResult, Timings, Usage
 from dualpath_sdk.cluster.controller import PlanChoice, StepOutcome, StepRequest
 from dualpath_sdk.engine.sequence import SamplingParams
 from dualpath_sdk.errors import ContextTooLong, InvalidInput
 from dualpath_sdk.kv.keys import BlockKey
-from dualpath_sdk.model.chat import continuation_ids, encode_chat
+from dualpath_sdk.model.chat import continuation_ids, encode_chat, template_knows_tools
 from dualpath_sdk.model.stops import StopStrings
 from dualpath_sdk.model.tools import parse_tool_calls, tool_schemas
 from dualpath_sdk.store.manifest import SessionManifest
@@ -64,6 +64,8 @@ class PreparedStep:
     plan: PlanChoice
     tools: list[dict[str, Any]]  # the session's function schemas ([]: none)
     stop: list[str]  # stop strings
+    read_calls: bool = True  # with tools, whether the reply is read for tool calls (tool_choice "none": no)
+    forced: str = ""  # the reply's opening, part of the prompt (tool_choice "required" or a named function)
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,16 @@ def prepare(
         if manifest.token_ids and tools != manifest.tools:
             raise InvalidInput("a session's tools are fixed by its first step: start a new session")
     stop = list(StopStrings(options.stop).stops)  # InvalidInput for bad stop strings
+    read_calls, forced = True, ""
     if new_ids is None:
         assert new_messages is not None
+        read_calls, forced = _tool_choice(facts, tools, options.tool_choice)
         new_ids = _chat_ids(facts, manifest, new_messages, tools)
-    elif options.tools is not None:
-        raise InvalidInput("tools need a chat turn (step), not raw token ids")
+        if forced:
+            assert facts.tokenizer is not None
+            new_ids += facts.tokenizer.encode(forced, add_special_tokens=False)
+    elif options.tools is not None or options.tool_choice not in (None, "auto"):
+        raise InvalidInput("tools and tool_choice need a chat turn (step), not raw token ids")
     params = options.sampling()
     prompt = [*manifest.token_ids, *new_ids]
     vocab = facts.vocab_size
@@ -139,7 +146,43 @@ def prepare(
     plan = options.read_plan or facts.read_plan
     if facts.mode == "basic" and plan in ("de", "split"):
         raise InvalidInput("a basic-mode cluster reads on the PE side only")
-    return PreparedStep(prompt, new_messages, params, plan, tools, stop)
+    return PreparedStep(prompt, new_messages, params, plan, tools, stop, read_calls, forced)
+
+
+def _tool_choice(
+    facts: ModelFacts, tools: list[dict[str, Any]], choice: str | NamedToolChoice | None
+) -> tuple[bool, str]:
+    """(whether the reply is read for tool calls, the opening it is made to begin with).
+
+    "required" and a named function are honoured by putting the opening of a call in the template's
+    tool-call form into the prompt: the model writes the rest of the call (`<tool_call>` blocks, or
+    the Llama JSON form for a template that renders tools itself without them). Nothing constrains
+    what follows, so a model can still write a malformed call, which is then plain text."""
+    if choice is None or choice == "auto":
+        return True, ""
+    if choice == "none":
+        return False, ""
+    if not tools:
+        raise InvalidInput(f"tool_choice {_choice_name(choice)} needs tools")
+    name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if name is not None and name not in {t["function"]["name"] for t in tools}:
+        raise InvalidInput(f"tool_choice names {name!r}, which is not one of the tools")
+    tokenizer = facts.tokenizer
+    if tokenizer is None:
+        raise InvalidInput("the model has no tokenizer: use step_tokens")
+    source = tokenizer.get_chat_template(tools=tools)
+    if not template_knows_tools(source) or "<tool_call>" in source:  # ours (model/chat.py) or Hermes
+        return True, '<tool_call>\n{"name": "' + (f'{name}", "arguments":' if name else "")
+    if '"parameters"' in source:  # Llama 3.x: the whole reply is {"name": ..., "parameters": ...}
+        return True, '{"name": "' + (f'{name}", "parameters":' if name else "")
+    raise InvalidInput(
+        f"tool_choice {_choice_name(choice)}: the model's chat template writes tool calls in a form "
+        "this SDK does not know, so the reply cannot be made to call a tool"
+    )
+
+
+def _choice_name(choice: str | NamedToolChoice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"function {choice.function.name!r}"
 
 
 def _chat_ids(
@@ -163,8 +206,10 @@ def step_flow(facts: ModelFacts, manifest: SessionManifest, step: PreparedStep) 
     yield Submit(StepRequest(prompt, step.params, manifest.tenant, keys, step.plan, cached))
     generated: list[int] = []
     stops = StopStrings(step.stop)
-    text, decoded, stopped = "", "", False  # emitted so far; the decode of `generated`
+    text, decoded, stopped = step.forced, "", False  # emitted so far; the decode of `generated`
     pending: list[int] = []  # tokens whose text is not out yet
+    if step.forced:  # the reply's opening, already in the prompt: its text is the reply's too
+        yield Emit(StepChunk(step.forced, []))
     while not isinstance(event := (yield Receive()), StepOutcome):
         if stopped:
             continue  # tokens already on their way when the stop string ended the reply
@@ -186,8 +231,9 @@ def step_flow(facts: ModelFacts, manifest: SessionManifest, step: PreparedStep) 
         text += tail
         if tail or pending:
             yield Emit(StepChunk(tail, pending))
-    content, calls = parse_tool_calls(text) if step.tools else (text, [])
-    reason = "tool_calls" if calls and event.finish_reason != "length" else event.finish_reason
+    content, calls = parse_tool_calls(text) if step.tools and step.read_calls else (text, [])
+    finish = "stop" if stopped else event.finish_reason  # a stop string ends it, whatever came after
+    reason = "tool_calls" if calls and finish != "length" else finish
     messages = list(manifest.messages)
     if step.new_messages is not None:
         reply: dict[str, Any] = {"role": "assistant", "content": content or None}

@@ -23,6 +23,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid", frozen=True)
 
 
+class ToolChoiceFunction(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class NamedToolChoice(_Strict):
+    """OpenAI's `{"type": "function", "function": {"name": ...}}`: the reply calls this function."""
+
+    type: Literal["function"]
+    function: Annotated[ToolChoiceFunction, Field(strict=False)]
+
+
+ToolChoiceMode = Literal["auto", "none", "required"]
+
+
 class StepOptions(_Strict):
     """The keywords of `Session.step` / `step_tokens` / `stream`."""
 
@@ -35,6 +49,9 @@ class StepOptions(_Strict):
     read_plan: ReadPlanChoice | None = None  # None: the cluster's
     stop: str | Annotated[list[str], Field(strict=False)] | None = None  # stop strings
     tools: Annotated[list[dict[str, Any]], Field(strict=False)] | None = None  # OpenAI function schemas
+    # "auto" (None): the reply may call tools; "none": it is read as text; "required" or a named
+    # function: it is made to begin with the tool-call markup (api/flow.py)
+    tool_choice: ToolChoiceMode | Annotated[NamedToolChoice, Field(strict=False)] | None = None
 
     def sampling(self) -> SamplingParams:
         stops = tuple(self.stop_token_ids) if self.stop_token_ids else None

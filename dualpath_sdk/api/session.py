@@ -80,6 +80,11 @@ class Session:
         return [dict(m) for m in self._manifest.messages]
 
     @property
+    def tools(self) -> list[dict[str, Any]]:
+        """The function schemas in the session's KV, fixed by its first step that named them."""
+        return [dict(t) for t in self._manifest.tools]
+
+    @property
     def version(self) -> int:
         """Saves of the session so far: a handle whose version is behind the store's is stale."""
         return self._manifest.version
