@@ -1,27 +1,31 @@
-"""`dualpath demo | info | sessions ... | store ...`: the command line.
+"""`dualpath demo | serve | info | sessions ... | store ...`: the command line.
 
-`demo` (demo.py) starts a cluster and `info` loads the model; `sessions` and `store` open only a
-persistent store (store/admin.py holds their logic, this module prints it), so they run beside a
-live cluster.
+`demo` (demo.py) and `serve` (gateway/serve.py) start a cluster and `info` loads the model;
+`sessions` and `store` open only a persistent store (store/admin.py holds their logic, this module
+prints it), so they run beside a live cluster.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dualpath_sdk.demo import MAX_TURNS, DemoOptions, run_demo
-from dualpath_sdk.errors import DualPathError
+from dualpath_sdk.errors import DualPathError, InvalidInput
 from dualpath_sdk.store.admin import GC_MIN_AGE_S, GcReport, StoreAdmin, open_admin
+
+if TYPE_CHECKING:
+    from dualpath_sdk.gateway.auth import Keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="dualpath-sdk")
 sessions_app = typer.Typer(
@@ -106,6 +110,88 @@ def demo(
         run_demo(options, console)
     except DualPathError as exc:
         _fail(exc)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str,
+        typer.Option(help="address to bind; off loopback (127.0.0.1, ::1, localhost) API keys are required"),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to bind (0: a free one)")] = 8400,
+    model: Annotated[
+        str | None, typer.Option(help="HF directory or .gguf file (default: the packaged model)")
+    ] = None,
+    prefill_nodes: Annotated[int, typer.Option(min=1, help="prefill engine processes")] = 1,
+    decode_nodes: Annotated[int, typer.Option(min=1, help="decode engine processes")] = 1,
+    storage: Storage = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="DUALPATH_API_KEY",
+            help="an API key of tenant 'default' (repeatable; at least 16 characters)",
+        ),
+    ] = None,
+    keys_file: Annotated[
+        Path | None, typer.Option(help='a JSON object of API keys and their tenants: {"<key>": "<tenant>"}')
+    ] = None,
+    max_body_bytes: Annotated[
+        int | None, typer.Option(min=1, help="largest request body accepted, in bytes (default: 8 MiB)")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(min=1, help="steps admitted at once; beyond: 429 (default: the cluster's)")
+    ] = None,
+    graceful_s: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="seconds in-flight requests may finish on shutdown before they are cancelled"
+        ),
+    ] = 10.0,
+) -> None:
+    """Serve a local cluster over HTTP: the sessions API, the OpenAI-compatible endpoint, /health, /metrics.
+
+    Starts the engines, then the gateway, and prints its URL once it listens. SIGINT or SIGTERM
+    stops it: no new connections, in-flight requests finish for --graceful-s and are then
+    cancelled (a cancelled step leaves its session as it was), then the engines stop. Sessions stay
+    in --storage and resume after a restart."""
+    from dualpath_sdk.gateway.app import MAX_BODY_BYTES
+    from dualpath_sdk.gateway.serve import check_exposure
+    from dualpath_sdk.gateway.serve import serve as run_gateway
+
+    try:
+        keys = _serve_keys(api_key or [], keys_file)
+        check_exposure(host, keys)  # before any engine starts
+        overrides: dict[str, Any] = {} if max_steps is None else {"max_steps": max_steps}
+        run_gateway(
+            host,
+            port,
+            model=model,
+            prefill_nodes=prefill_nodes,
+            decode_nodes=decode_nodes,
+            storage=storage,
+            keys=keys,
+            max_body_bytes=MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes,
+            graceful_s=graceful_s,
+            **overrides,
+        )
+    except DualPathError as exc:
+        _fail(exc)
+    console.print("the gateway stopped, the cluster is closed")
+
+
+def _serve_keys(api_keys: list[str], keys_file: Path | None) -> Keys | None:
+    """The keys of `--keys-file` and of each `--api-key` (tenant "default"); None without any."""
+    from dualpath_sdk.gateway.auth import Keys
+
+    tenants: dict[str, str] = {}
+    if keys_file is not None:
+        Keys.load(keys_file)  # its errors, in its words
+        tenants = json.loads(keys_file.read_text())
+    for key in api_keys:
+        if tenants.get(key, "default") != "default":
+            raise InvalidInput(f"an --api-key is also in {keys_file} for tenant {tenants[key]!r}")
+        tenants[key] = "default"
+    return Keys(tenants) if tenants else None
 
 
 @app.command()
