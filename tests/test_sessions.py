@@ -345,3 +345,15 @@ def test_metrics_count_what_the_steps_returned(cluster: AnyCluster) -> None:
         time.sleep(0.05)
     text = generate_latest(cluster.metrics())  # the Prometheus text format
     assert b"dualpath_engine_free_tokens" in text and b"dualpath_buffer_used_ratio" in text
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_cluster_calls_have_async_twins(cluster: AnyCluster, backend: str) -> None:
+    async def main() -> None:
+        session = await cluster.asession(system=f"Twins ({backend}).")
+        await session.astep("hello", max_tokens=2)
+        again = await cluster.aresume(session.id)
+        assert again.token_ids == session.token_ids and len(again.token_ids) > 0
+        assert session.id in await cluster.asessions()
+
+    anyio.run(main, backend=backend)

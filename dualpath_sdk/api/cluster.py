@@ -163,6 +163,16 @@ class Cluster:
         mine = [m for m in self.manifests.all() if m.tenant == tenant]
         return [m.session_id for m in sorted(mine, key=lambda m: m.created_at)]
 
+    async def asession(self, **options: Any) -> Session:
+        """`session` without blocking the event loop."""
+        return await anyio.to_thread.run_sync(partial(self.session, **options))
+
+    async def aresume(self, session_id: str, **options: Any) -> Session:
+        return await anyio.to_thread.run_sync(partial(self.resume, session_id, **options))
+
+    async def asessions(self, **options: Any) -> list[str]:
+        return await anyio.to_thread.run_sync(partial(self.sessions, **options))
+
     # ---- the backend sessions step through (api/backend.py) -----------------------------------------
 
     def check_open(self) -> None:

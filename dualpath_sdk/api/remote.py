@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncGenerator, Iterator, Mapping
+from functools import partial
 from typing import Any
 
+import anyio.to_thread
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 from prometheus_client import CollectorRegistry
@@ -82,6 +84,16 @@ class RemoteCluster:
         """The ids of the tenant's sessions, oldest first."""
         ids: list[str] = self.request("GET", "/v1/sessions", params=_tenant(tenant))["data"]
         return ids
+
+    async def asession(self, **options: Any) -> RemoteSession:
+        """`session` without blocking the event loop."""
+        return await anyio.to_thread.run_sync(partial(self.session, **options))
+
+    async def aresume(self, session_id: str, **options: Any) -> RemoteSession:
+        return await anyio.to_thread.run_sync(partial(self.resume, session_id, **options))
+
+    async def asessions(self, **options: Any) -> list[str]:
+        return await anyio.to_thread.run_sync(partial(self.sessions, **options))
 
     # ---- operating it ----------------------------------------------------------------------------
 
