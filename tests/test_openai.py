@@ -21,15 +21,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dualpath_sdk.api.cluster import Cluster
 from dualpath_sdk.api.flow import Commit, Emit, Lookup, Receive, prepare, step_flow
+from dualpath_sdk.api.history import canonical, digests
 from dualpath_sdk.api.inputs import StepOptions
 from dualpath_sdk.api.result import Load, Persist, StepChunk, StepResult, Timings, Usage
 from dualpath_sdk.cluster.controller import StepOutcome
 from dualpath_sdk.config import EngineConfig
 from dualpath_sdk.errors import EngineUnavailable, InvalidInput
 from dualpath_sdk.gateway import Keys, create_app
-from dualpath_sdk.gateway.completions import ChatRequest, HeldText, parse, stream_chunks
-from dualpath_sdk.gateway.history import canonical, digests
+from dualpath_sdk.gateway.completions import ChatRequest, parse, stream_chunks
 from dualpath_sdk.gateway.serve import in_thread
+from dualpath_sdk.model.tools import HeldText
 from dualpath_sdk.store.manifest import SessionManifest
 from tests.conftest import Pair
 
@@ -349,16 +350,11 @@ def _step_result(text: str, tool_calls: list[dict[str, Any]]) -> StepResult:
     )
 
 
-class _NoHistory:
-    def record(self, session: object) -> None:
-        pass
-
-
 def _sse(pieces: list[str], result: StepResult | Exception, read_calls: bool = True) -> str:
     """The stream the endpoint sends for a step whose text comes in `pieces`, then `result`."""
 
     async def events() -> AsyncIterator[StepChunk | StepResult]:
-        for piece in pieces[1:]:
+        for piece in pieces:
             yield StepChunk(piece, [1])
         if isinstance(result, Exception):
             raise result
@@ -367,9 +363,7 @@ def _sse(pieces: list[str], result: StepResult | Exception, read_calls: bool = T
     async def main() -> bytes:
         chat = ChatRequest([_user("x")], [WEATHER], {}, True, True, None, read_calls)
         head = {"id": "chatcmpl-1", "created": 0, "model": "m", "system_fingerprint": None}
-        stream = stream_chunks(
-            "/v1/chat/completions", chat, head, StepChunk(pieces[0], [1]), events(), None, _NoHistory()
-        )
+        stream = stream_chunks("/v1/chat/completions", chat, head, events())
         return b"".join([part async for part in stream])
 
     return anyio.run(main).decode()

@@ -40,6 +40,7 @@ from dualpath_sdk.store.manifest import Lease, ManifestStore, SessionManifest
 from dualpath_sdk.store.prefix import cached_prefix, history_keys
 
 STEP_TIMEOUT_S = 600.0
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"  # the default model's (ClusterConfig.model None)
 log = logging.getLogger(__name__)
 
 
@@ -212,6 +213,17 @@ class Cluster:
         )
 
     # ---- operating it ----------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        """The served model's name: its directory's (or GGUF file's), as `/v1/models` lists it."""
+        model = self.config.model
+        return DEFAULT_MODEL_ID if model is None else Path(model).name.removesuffix(".gguf")
+
+    @property
+    def max_context(self) -> int:
+        """The model's context window in tokens (prompt and reply together)."""
+        return self.facts.max_context
 
     def metrics(self) -> CollectorRegistry:
         """The cluster's Prometheus registry (steps by outcome, retries, persisted and failed blocks,

@@ -55,6 +55,7 @@ class RemoteCluster:
             base_url=self.url, headers=self._headers, timeout=self._timeout, verify=self._ssl
         )
         self._closed = False
+        self._served: dict[str, Any] | None = None
 
     # ---- sessions ---------------------------------------------------------------------------------
 
@@ -96,6 +97,21 @@ class RemoteCluster:
         return await anyio.to_thread.run_sync(partial(self.sessions, **options))
 
     # ---- operating it ----------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        """The served model's name, as the gateway's `/v1/models` lists it (asked once)."""
+        return str(self._model()["id"])
+
+    @property
+    def max_context(self) -> int:
+        """The model's context window in tokens."""
+        return int(self._model()["max_model_len"])
+
+    def _model(self) -> dict[str, Any]:
+        if self._served is None:
+            self._served = dict(self.request("GET", "/v1/models")["data"][0])
+        return self._served
 
     def health(self) -> dict[str, bool]:
         """Whether each engine is up (as `Cluster.health`)."""

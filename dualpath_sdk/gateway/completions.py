@@ -1,6 +1,6 @@
 """The OpenAI-compatible endpoint: `POST /v1/chat/completions` and `GET /v1/models`.
 
-Each request carries the whole conversation; gateway/history.py maps it onto one of the tenant's
+Each request carries the whole conversation; api/history.py maps it onto one of the tenant's
 sessions, so only the messages the session does not hold yet are prefilled. The answer is OpenAI's
 `chat.completion`, or its stream of `chat.completion.chunk`s, plus the `session_id` that now holds
 the conversation (also the `X-Session-ID` header; a request may name one the same two ways).
@@ -18,7 +18,6 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
@@ -26,16 +25,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dualpath_sdk.api.cluster import Cluster
+from dualpath_sdk.api.history import History
 from dualpath_sdk.api.inputs import ChatMessage, validated
 from dualpath_sdk.api.result import StepChunk, StepResult, Usage
-from dualpath_sdk.api.session import Session
 from dualpath_sdk.errors import DualPathError, InvalidInput
 from dualpath_sdk.gateway.auth import tenant_for
-from dualpath_sdk.gateway.history import Events, History
 from dualpath_sdk.gateway.http import SSE_HEADERS, body_json, error_response, sse
-from dualpath_sdk.model.tools import tool_schemas
+from dualpath_sdk.model.tools import HeldText, tool_schemas
 
-DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"  # the default model's (ClusterConfig.model None)
 OPENAI_TEMPERATURE = 1.0
 SESSION_HEADER = "X-Session-ID"
 _CREATED = int(time.time())
@@ -79,12 +76,6 @@ class ChatRequest:
     include_usage: bool
     session_id: str | None
     read_calls: bool  # the reply may hold tool calls (so a stream holds back what may start one)
-
-
-def model_id(cluster: Cluster) -> str:
-    """The id the served model goes by: its directory's (or GGUF file's) name."""
-    model = cluster.config.model
-    return DEFAULT_MODEL_ID if model is None else Path(model).name.removesuffix(".gguf")
 
 
 def parse(body: Mapping[str, Any], served: str, header_session: str | None = None) -> ChatRequest:
@@ -165,49 +156,9 @@ def _message(message: object, i: int) -> dict[str, Any]:
     return validated(ChatMessage, f"message {i}", out).model_dump(exclude_none=True)
 
 
-class HeldText:
-    """A reply's text as content deltas. With tools, what may be (the start of) a tool call is held
-    back: from a `<tool_call>` (or a partial one at the end) on, trailing whitespace (a call's
-    removal strips it), and all of a reply that opens with `{` (the JSON form is the whole reply).
-    `rest` gives what the final content adds to what went out."""
-
-    OPEN = "<tool_call>"
-
-    def __init__(self, hold: bool) -> None:
-        self._hold = hold
-        self._text = ""
-        self._sent = 0
-
-    def feed(self, text: str) -> str:
-        self._text += text
-        end = self._safe_end() if self._hold else len(self._text)
-        if end <= self._sent:
-            return ""
-        delta, self._sent = self._text[self._sent : end], end
-        return delta
-
-    def rest(self, content: str) -> str:
-        sent = self._text[: self._sent]
-        return content[len(sent) :] if content.startswith(sent) else ""
-
-    def _safe_end(self) -> int:
-        text = self._text
-        body = text.lstrip()
-        if not body or body.startswith("{"):
-            return 0
-        end = text.find(self.OPEN)
-        if end < 0:
-            end = len(text)
-            for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
-                if self.OPEN.startswith(text[-k:]):
-                    end -= k
-                    break
-        return len(text[:end].rstrip())
-
-
 async def chat_completions(request: Request) -> Response:
     cluster: Cluster = request.app.state.cluster
-    served = model_id(cluster)
+    served = cluster.model_id
     body = await body_json(request)
     asked = body.get("tenant")
     if asked is not None and not isinstance(asked, str):
@@ -215,8 +166,9 @@ async def chat_completions(request: Request) -> Response:
     tenant = tenant_for(request, asked)  # before the body's checks: a caller without a key learns nothing
     chat = parse(body, served, request.headers.get(SESSION_HEADER))
     history = _history(request, cluster)
-    match = await history.match(tenant, chat.messages, chat.tools, chat.session_id)
-    session, first, events = await history.start(match, chat.messages, chat.options)
+    session, events = await history.astep(
+        chat.messages, tenant=tenant, session_id=chat.session_id, **chat.options
+    )
     head = {
         "id": f"chatcmpl-{secrets.token_hex(12)}",
         "created": int(time.time()),
@@ -226,15 +178,14 @@ async def chat_completions(request: Request) -> Response:
     }
     headers = {SESSION_HEADER: session.id}
     if chat.stream:
-        stream = stream_chunks(request.url.path, chat, head, first, events, session, history)
+        stream = stream_chunks(request.url.path, chat, head, events)
         return StreamingResponse(stream, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     try:
-        item = first
+        item = await anext(events)
         while not isinstance(item, StepResult):
             item = await anext(events)
     finally:
-        await events.aclose()
-        history.record(session)
+        await events.aclose()  # the session is re-indexed as it is now
     return JSONResponse(_completion(head, item), headers=headers)
 
 
@@ -260,19 +211,18 @@ async def stream_chunks(
     path: str,
     chat: ChatRequest,
     head: dict[str, Any],
-    first: StepChunk | StepResult,
-    events: Events,
-    session: Session,
-    history: History,
+    events: AsyncIterator[StepChunk | StepResult],
 ) -> AsyncIterator[bytes]:
+    """The step's `events` (History.astep's: the first one included) as `chat.completion.chunk`s."""
+
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         data = {**head, "object": "chat.completion.chunk", "choices": [choice]}
         return sse({**data, "usage": None} if chat.include_usage else data)
 
     held = HeldText(chat.read_calls)
-    item = first
     try:
+        item = await anext(events)
         yield chunk({"role": "assistant", "content": ""})
         while isinstance(item, StepChunk):
             if delta := held.feed(item.text):
@@ -289,15 +239,18 @@ async def stream_chunks(
         yield b"data: [DONE]\n\n"
     except DualPathError as exc:  # after the first event the status is sent: the error is an event
         yield sse(json.loads(bytes(error_response(path, exc).body)))
-    finally:
-        await events.aclose()  # a client gone mid-step: the step is cancelled, the session unchanged
-        history.record(session)
+    finally:  # a client gone mid-step: the step is cancelled, the session unchanged (and re-indexed)
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def models(request: Request) -> Response:
     tenant_for(request, None)  # with keys, a key is needed here too
-    model = {"id": model_id(request.app.state.cluster), "object": "model", "created": _CREATED}
-    return JSONResponse({"object": "list", "data": [{**model, "owned_by": "dualpath"}]})
+    cluster: Cluster = request.app.state.cluster
+    model = {"id": cluster.model_id, "object": "model", "created": _CREATED, "owned_by": "dualpath"}
+    model["max_model_len"] = cluster.max_context  # as vLLM lists it: the context window
+    return JSONResponse({"object": "list", "data": [model]})
 
 
 def _history(request: Request, cluster: Cluster) -> History:

@@ -122,3 +122,43 @@ def _call(obj: object, require_args: bool) -> dict[str, Any] | None:
         "type": "function",
         "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)},
     }
+
+
+class HeldText:
+    """A reply's text as content deltas. With tools, what may be (the start of) a tool call is held
+    back: from a `<tool_call>` (or a partial one at the end) on, trailing whitespace (a call's
+    removal strips it), and all of a reply that opens with `{` (the JSON form is the whole reply).
+    `rest` gives what the final content adds to what went out."""
+
+    OPEN = "<tool_call>"
+
+    def __init__(self, hold: bool) -> None:
+        self._hold = hold
+        self._text = ""
+        self._sent = 0
+
+    def feed(self, text: str) -> str:
+        self._text += text
+        end = self._safe_end() if self._hold else len(self._text)
+        if end <= self._sent:
+            return ""
+        delta, self._sent = self._text[self._sent : end], end
+        return delta
+
+    def rest(self, content: str) -> str:
+        sent = self._text[: self._sent]
+        return content[len(sent) :] if content.startswith(sent) else ""
+
+    def _safe_end(self) -> int:
+        text = self._text
+        body = text.lstrip()
+        if not body or body.startswith("{"):
+            return 0
+        end = text.find(self.OPEN)
+        if end < 0:
+            end = len(text)
+            for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
+                if self.OPEN.startswith(text[-k:]):
+                    end -= k
+                    break
+        return len(text[:end].rstrip())
