@@ -104,14 +104,12 @@ def _sum(chunks: list[AIMessageChunk]) -> AIMessageChunk:
 _LAZY_URL = "http://127.0.0.1:9"  # connected at the first call: never, in the unit tests
 
 
-class TestChatDualPathStandardUnit(ChatModelUnitTests):
+class _Capabilities:
+    """What both standard suites are told ChatDualPath does."""
+
     @property
     def chat_model_class(self) -> type[ChatDualPath]:
         return ChatDualPath
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return {"base_url": _LAZY_URL}
 
     @property
     def has_tool_calling(self) -> bool:
@@ -128,6 +126,12 @@ class TestChatDualPathStandardUnit(ChatModelUnitTests):
     @property
     def supports_json_mode(self) -> bool:
         return False
+
+
+class TestChatDualPathStandardUnit(_Capabilities, ChatModelUnitTests):
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"base_url": _LAZY_URL}
 
     @property
     def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
@@ -185,7 +189,7 @@ def _xfail(name: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(reason=XFAILED[name])
 
 
-class TestChatDualPathStandardIntegration(ChatModelIntegrationTests):
+class TestChatDualPathStandardIntegration(_Capabilities, ChatModelIntegrationTests):
     slow_except = FAST_STANDARD  # tests/conftest.py marks the others slow
     _cluster: dp.Cluster | None = None
 
@@ -197,28 +201,8 @@ class TestChatDualPathStandardIntegration(ChatModelIntegrationTests):
         cls._cluster = None
 
     @property
-    def chat_model_class(self) -> type[ChatDualPath]:
-        return ChatDualPath
-
-    @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"cluster": self._cluster, "tenant": "standard", "max_tokens": STANDARD_MAX_TOKENS}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return False
 
     @property
     def supports_model_override(self) -> bool:
