@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -223,3 +224,16 @@ def test_health_and_metrics(open_url: str, cluster: Cluster) -> None:
         assert remote.health() == cluster.health()
         steps = remote.metrics().get_sample_value("dualpath_steps_total", {"outcome": "ok"})
         assert steps == cluster.metrics().get_sample_value("dualpath_steps_total", {"outcome": "ok"})
+
+
+def test_health_says_which_engines_are_down(chat_pair: Pair, tmp_path: Path) -> None:
+    engine = EngineConfig(block_size=16, num_blocks=64)
+    with (
+        Cluster.local(chat_pair.path, storage=tmp_path / "store", engine=engine) as own,
+        in_thread(create_app(own)) as url,
+        dp.Cluster.connect(url) as remote,
+    ):
+        assert remote.health() == {"pe0": True, "de0": True}
+        own.close()
+        assert httpx.get(f"{url}/health").status_code == 503
+        assert remote.health() == {"pe0": False, "de0": False}

@@ -114,8 +114,9 @@ class RemoteCluster:
         return self._served
 
     def health(self) -> dict[str, bool]:
-        """Whether each engine is up (as `Cluster.health`)."""
-        response = self._send("GET", "/health")
+        """Whether each engine is up (as `Cluster.health`); a gateway with an engine down answers
+        503 with the same body, which is an answer here, not an error."""
+        response = self._send("GET", "/health", healthy=(503,))
         engines: dict[str, bool] = response.json().get("engines", {})
         return engines
 
@@ -148,7 +149,7 @@ class RemoteCluster:
         """One JSON request; the gateway's error raised as its class."""
         return self._send(method, path, **kwargs).json()
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(self, method: str, path: str, healthy: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
         self.check_open()
         try:
             response = self.http.request(method, path, **kwargs)
@@ -156,7 +157,7 @@ class RemoteCluster:
             raise StepTimeout(f"the gateway at {self.url} did not answer: {exc}") from None
         except httpx.HTTPError as exc:
             raise EngineUnavailable(f"cannot reach the gateway at {self.url}: {exc}") from None
-        if response.is_error:
+        if response.is_error and response.status_code not in healthy:
             raise _error(response)
         return response
 
