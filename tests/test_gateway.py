@@ -90,6 +90,7 @@ def test_bad_requests_get_typed_errors_and_change_nothing(open_url: str) -> None
         ("json", {"token_ids": [1], "options": {"max_tokens": 8.5}}),
         ("json", {"token_ids": [1], "options": {"temperature": -1}}),
         ("json", {"token_ids": [1], "unknown": 1}),
+        ("json", {"token_ids": [1], "options": {"token_ids": [2]}}),
         ("json", {"token_ids": [10**9]}),
     ]
     for kind, body in bad:

@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from dualpath_sdk.api.cluster import Cluster
-from dualpath_sdk.api.inputs import SessionOptions, _Strict, validated
+from dualpath_sdk.api.inputs import SessionOptions, StepOptions, _Strict, validated
 from dualpath_sdk.api.result import StepChunk, StepResult
 from dualpath_sdk.api.session import Session
 from dualpath_sdk.api.wire import CHUNK, ERROR, RESULT, chunk_json, error_json, result_json, session_json
@@ -43,7 +43,7 @@ LEASE_WAIT_S = 2.0
 class StepBody(_Strict):
     messages: Annotated[list[dict[str, Any]], Field(strict=False)] | None = None
     token_ids: Annotated[list[int], Field(strict=False)] | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: Annotated[StepOptions, Field(strict=False)] = StepOptions()  # checked here, not as kwargs
     stream: bool = False
     expect_version: int | None = Field(default=None, ge=0)
 
@@ -111,7 +111,8 @@ async def _start(
         session = await _resume(request)
         if body.expect_version is not None and body.expect_version != session.version:
             raise SessionBusy(f"session {session.id} was stepped by another handle: resume it")
-        events = session.aevents(body.messages, body.token_ids, **body.options)
+        options = body.options.model_dump(exclude_defaults=True)
+        events = session.aevents(body.messages, body.token_ids, **options)
         try:
             return session, events, await anext(events)
         except SessionBusy:
