@@ -8,6 +8,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+Mode = Literal["dualpath", "basic", "oracle"]
+"""How a cluster runs: the paper's design, its baseline, or the I/O-free ceiling (ClusterConfig.mode)."""
+ReadPlanChoice = Literal["auto", "pe", "de", "split"]
+"""Which side reads a step's cached blocks: the scheduler's choice, or forced (ClusterConfig.read_plan)."""
+
 
 def cache_dir() -> Path:
     """Where converted models and the default store live: `$DUALPATH_CACHE`, else ~/.cache/dualpath."""
@@ -107,12 +112,12 @@ class ClusterConfig(_Config):
     model: str | None = Field(default=None, description="HF directory or .gguf file; None: the default model")
     prefill_nodes: int = Field(default=1, ge=1)
     decode_nodes: int = Field(default=1, ge=1)
-    mode: Literal["dualpath", "basic", "oracle"] = Field(
+    mode: Mode = Field(
         default="dualpath",
         description="basic: PE-only reads, no layer-wise overlap, round-robin PEs (the paper's baseline); "
         "oracle: reads and KV transfers skipped (the I/O-free ceiling; its text is meaningless)",
     )
-    read_plan: Literal["auto", "pe", "de", "split"] = Field(
+    read_plan: ReadPlanChoice = Field(
         default="auto",
         description="the read side of every step; auto: the scheduler's (the shorter read queue, or "
         "split in proportion to both queues' drain when scheduler.split_reads)",

@@ -31,11 +31,11 @@ from rich.text import Text
 from dualpath_sdk.api.cluster import Cluster
 from dualpath_sdk.api.result import StepResult
 from dualpath_sdk.api.session import Session
-from dualpath_sdk.config import StoreConfig
+from dualpath_sdk.config import ReadPlanChoice, StoreConfig
 from dualpath_sdk.errors import DualPathError
 from dualpath_sdk.store.admin import StoreAdmin
 
-PlanOption = Literal["auto", "pe", "de", "split", "rotate"]
+PlanOption = ReadPlanChoice | Literal["rotate"]
 ROTATION = ("pe", "de", "split")
 TENANT = "demo"
 COLD_TENANT = "demo-cold"  # another tenant: another key namespace, so no block is shared

@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from dualpath_sdk.config import SchedulerConfig
-from dualpath_sdk.scheduler import EngineReport, Mode, Request, Thresholds, choose_de_group, choose_pe
+from dualpath_sdk.config import Mode, SchedulerConfig
+from dualpath_sdk.scheduler import EngineReport, Request, Thresholds, choose_de_group, choose_pe
 from dualpath_sdk.sim.cluster import Simulation
 from dualpath_sdk.sim.core import KV, MODEL, EventLoop, Job, Link
 from dualpath_sdk.sim.presets import PRESETS, Hardware, Model, Preset

@@ -27,7 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from dualpath_sdk.api.inputs import NamedToolChoice, StepOptions
 from dualpath_sdk.api.result import Load, Persist, StepChunk, StepResult, Timings, Usage
-from dualpath_sdk.cluster.controller import PlanChoice, StepOutcome, StepRequest
+from dualpath_sdk.cluster.controller import StepOutcome, StepRequest
+from dualpath_sdk.config import ReadPlanChoice
 from dualpath_sdk.engine.sequence import SamplingParams
 from dualpath_sdk.errors import ContextTooLong, InvalidInput
 from dualpath_sdk.kv.keys import BlockKey
@@ -47,7 +48,7 @@ class ModelFacts:
     max_context: int
     block_size: int
     mode: str
-    read_plan: PlanChoice
+    read_plan: ReadPlanChoice
     root_key: Callable[[str], BlockKey]  # a tenant's key namespace
 
     def decode(self, token_ids: list[int]) -> str:
@@ -61,7 +62,7 @@ class PreparedStep:
     prompt: list[int]  # the session's tokens and the turn's new ones
     new_messages: list[dict[str, Any]] | None  # None: a turn of raw token ids
     params: SamplingParams
-    plan: PlanChoice
+    plan: ReadPlanChoice
     tools: list[dict[str, Any]]  # the session's function schemas ([]: none)
     stop: list[str]  # stop strings
     read_calls: bool = True  # with tools, whether the reply is read for tool calls (tool_choice "none": no)

@@ -10,12 +10,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dualpath_sdk.config import ReadPlanChoice
 from dualpath_sdk.engine.sequence import MAX_SEED, SamplingParams
 from dualpath_sdk.errors import InvalidInput
 
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SESSION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-ReadPlanChoice = Literal["auto", "pe", "de", "split"]
 TokenId = Annotated[int, Field(ge=0, strict=True)]
 
 

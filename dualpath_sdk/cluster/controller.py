@@ -21,10 +21,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, Listener
-from typing import Literal
 
 from dualpath_sdk.cluster.metrics import Metrics
-from dualpath_sdk.config import ClusterConfig
+from dualpath_sdk.config import ClusterConfig, Mode, ReadPlanChoice
 from dualpath_sdk.engine.messages import (
     Admit,
     Admitted,
@@ -35,7 +34,6 @@ from dualpath_sdk.engine.messages import (
     Fetch,
     Finished,
     Hello,
-    Mode,
     Prefill,
     Prefilled,
     Report,
@@ -63,7 +61,6 @@ from dualpath_sdk.scheduler import (
     split_read,
 )
 
-PlanChoice = Literal["auto", "pe", "de", "split"]
 MAX_ATTEMPTS = 2
 
 
@@ -76,7 +73,7 @@ class StepRequest:
     params: SamplingParams
     tenant: str
     keys: list[bytes]
-    plan: PlanChoice = "auto"
+    plan: ReadPlanChoice = "auto"
     cached_tokens: int | None = None  # tokens `keys` hold; None: every key is a Full Block
 
 

@@ -86,7 +86,7 @@ class EngineCore:
                 f"{len(prompt_ids)} prompt tokens + max_tokens {params.max_tokens} "
                 f"exceed the context of {limit}"
             )
-        need = self._blocks_for(len(prompt_ids) + params.max_tokens)
+        need = self.layout.blocks(len(prompt_ids) + params.max_tokens)
         if need > self.pool.num_blocks:
             raise ContextTooLong(f"the request needs {need} KV blocks; the pool has {self.pool.num_blocks}")
         if prefix is not None and prefix.num_tokens >= len(prompt_ids):
@@ -147,9 +147,6 @@ class EngineCore:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.layout.block_size)
-
     def _schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.config.max_batch_tokens
         work: list[tuple[Sequence, int]] = []
@@ -184,7 +181,7 @@ class EngineCore:
         shareable = (seq.prompt_len - 1) // bs  # at least one prompt token is always computed
         keys = block_keys(seq.root_key, seq.token_ids[: shareable * bs], bs)
         shared = self.pool.match_prefix(keys)
-        total = self._blocks_for(seq.prompt_len + seq.params.max_tokens)
+        total = self.layout.blocks(seq.prompt_len + seq.params.max_tokens)
         if total - len(shared) > self.pool.num_free:
             self.pool.free(shared)
             return False
@@ -218,7 +215,7 @@ class EngineCore:
     def _load_prefix_layer(self, seq: Sequence, layer: int) -> None:
         assert seq.prefix is not None
         shared = len(seq.keys)  # blocks the pool already had; the prefix fills the rest
-        blocks = seq.block_table[shared : self._blocks_for(seq.prefix.num_tokens)]
+        blocks = seq.block_table[shared : self.layout.blocks(seq.prefix.num_tokens)]
         self.pool.import_layer(layer, blocks, seq.prefix.layer(layer)[shared:])
 
     def _register_full_blocks(self, seq: Sequence) -> None:

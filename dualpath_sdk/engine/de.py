@@ -114,7 +114,7 @@ class DecodeWorker:
         """KV memory a new request can still get: pool blocks not held or awaited, and buffer slots."""
         bs = self.layout.block_size
         awaited = sum(
-            -(-r.prompt_len // bs)
+            self.layout.blocks(r.prompt_len)
             for r in self.requests.values()
             if r.seq is None or r.seq.status == Status.WAITING
         )
@@ -125,7 +125,7 @@ class DecodeWorker:
     def admit(self, task: Admit) -> None:
         """Queue the prompt: once the buffer has slots for all its blocks, reserve them and read the
         DE's share of the cached blocks into them (never blocking the loop, whose steps free slots)."""
-        need = -(-task.prompt_len // self.layout.block_size)
+        need = self.layout.blocks(task.prompt_len)
         if need > self.buffer.capacity:
             raise ContextTooLong(
                 f"a {need}-block prompt exceeds the DE buffer's {self.buffer.capacity} slots (buffer_slots)"
@@ -139,7 +139,7 @@ class DecodeWorker:
         """Start queued prompts in order while the buffer has slots for them."""
         while self.waiting:
             task = self.waiting[0]
-            need = -(-task.prompt_len // self.layout.block_size)
+            need = self.layout.blocks(task.prompt_len)
             if need > self.buffer.free:
                 return
             self.waiting.popleft()

@@ -8,15 +8,12 @@ it moves between host buffers over the transport.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
+from dualpath_sdk.config import Mode
 from dualpath_sdk.engine.sequence import SamplingParams
 from dualpath_sdk.errors import kind_of
-from dualpath_sdk.scheduler import AttentionModel
+from dualpath_sdk.scheduler import AttentionModel, Role
 from dualpath_sdk.transfer import RegionDescriptor
-
-Role = Literal["pe", "de"]
-Mode = Literal["dualpath", "basic", "oracle"]
 
 
 @dataclass(frozen=True)

@@ -78,14 +78,13 @@ class PrefillWorker:
         self.layout = layout
         self.store = store
         self.transport = transport
-        bs = layout.block_size
         self.max_batch_tokens = max_batch_tokens
         self.compute_quota_s = compute_quota_s
         self.buffer_region = transport.allocate(
             f"{engine_id}-pe-buffer", HostBufferPool.region_bytes(layout, buffer_slots)
         )
         self.buffer = HostBufferPool(layout, buffer_slots, "PE buffer", region=self.buffer_region.tensor)
-        max_blocks = -(-max_batch_tokens // bs) + buffer_slots  # a batch's blocks, cached ones included
+        max_blocks = layout.blocks(max_batch_tokens) + buffer_slots  # a batch's blocks, cached ones included
         self.work = transport.allocate(
             f"{engine_id}-pe-work", IN_FLIGHT_LAYERS * max_blocks * layout.layer_block_nbytes
         )
@@ -293,10 +292,11 @@ class PrefillWorker:
             cached = p.num_cached = min(loaded * bs, task.cached_tokens)
             pe_tokens = min(from_pe * bs, cached)
             p.bytes_read = (pe_tokens * token_bytes, (cached - pe_tokens) * token_bytes)
-        loaded = -(-cached // bs)  # blocks that hold cached KV, the last one perhaps partial
+        loaded = self.layout.blocks(cached)  # blocks that hold cached KV, the last one perhaps partial
         remote = remote_for(p.de.buffer)
         offsets = p.de.offsets
-        sent = [i for i in range(-(-upto // bs)) if not from_pe <= i < cached // bs]  # the DE has the rest
+        # the DE holds the rest intact
+        sent = [i for i in range(self.layout.blocks(upto)) if not from_pe <= i < cached // bs]
         work = self.work
 
         def load_layer(layer: int, kv: torch.Tensor) -> None:

@@ -66,7 +66,7 @@ def prefill_layerwise(
     Basic: each layer's load, compute and send in turn, nothing hidden.
     """
     bs = layout.block_size
-    blocks = [-(-len(job.token_ids) // bs) for job in jobs]
+    blocks = [layout.blocks(len(job.token_ids)) for job in jobs]
     bases = [sum(blocks[:i]) for i in range(len(jobs))]
     batch = AttentionBatch.build(
         [
@@ -83,7 +83,7 @@ def prefill_layerwise(
         kv = torch.zeros(shape, dtype=layout.dtype) if layer_memory is None else layer_memory(layer, shape[0])
         for job, base in zip(jobs, bases, strict=True):
             if job.num_cached:  # a partial last block: its rows past num_cached are computed here
-                job.load_layer(layer, kv[base : base + -(-job.num_cached // bs)])
+                job.load_layer(layer, kv[base : base + layout.blocks(job.num_cached)])
         return kv
 
     def send(layer: int, kv: torch.Tensor) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 class ReadQueue:
@@ -50,11 +48,3 @@ class ReadQueue:
             self._done += tokens if read else 0
             if self._queued == 0:
                 self._busy_s += time.perf_counter() - self._since
-
-    @contextmanager
-    def reading(self, tokens: int) -> Iterator[None]:
-        self.add(tokens)
-        try:
-            yield
-        finally:
-            self.remove(tokens)

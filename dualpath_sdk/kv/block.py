@@ -52,6 +52,10 @@ class KVLayout:
     def bytes_per_token(self) -> int:
         return self.full_block_nbytes // self.block_size
 
+    def blocks(self, tokens: int) -> int:
+        """Blocks that hold `tokens` tokens, the last one perhaps partial."""
+        return -(-tokens // self.block_size)
+
     def packed_nbytes(self, tokens: int) -> int:
         """Bytes of a block of `tokens` tokens in storage: a whole Full Block, or a packed partial one."""
         if not 0 < tokens <= self.block_size:

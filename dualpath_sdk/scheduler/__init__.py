@@ -13,14 +13,13 @@ from dualpath_sdk.scheduler.de import choose_de, choose_de_group
 from dualpath_sdk.scheduler.pe import choose_pe, derive_thresholds
 from dualpath_sdk.scheduler.policy import Scheduler
 from dualpath_sdk.scheduler.read_plan import NO_READ, PlanKind, ReadPlan, pe_only, shorter_queue, split_read
-from dualpath_sdk.scheduler.reports import EngineReport, Mode, Placement, Request, Role, Thresholds
+from dualpath_sdk.scheduler.reports import EngineReport, Placement, Request, Role, Thresholds
 
 __all__ = [
     "NO_READ",
     "AttentionModel",
     "Chunk",
     "EngineReport",
-    "Mode",
     "Placement",
     "PlanKind",
     "PrefillWork",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from dualpath_sdk.config import SchedulerConfig
+from dualpath_sdk.config import Mode, SchedulerConfig
 from dualpath_sdk.scheduler.batching import AttentionModel, Chunk, PrefillWork, pack_quota
 from dualpath_sdk.scheduler.de import G, choose_de, choose_de_group
 from dualpath_sdk.scheduler.pe import choose_pe
 from dualpath_sdk.scheduler.read_plan import ReadPlan, pe_only, shorter_queue, split_read
-from dualpath_sdk.scheduler.reports import EngineReport, Mode, Placement, Request, Thresholds
+from dualpath_sdk.scheduler.reports import EngineReport, Placement, Request, Thresholds
 
 
 class Scheduler:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Role = Literal["pe", "de"]
-Mode = Literal["basic", "dualpath", "oracle"]
+"""An engine's role: prefill (PE) or decode (DE)."""
 
 
 @dataclass(frozen=True, slots=True)

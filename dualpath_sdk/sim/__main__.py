@@ -20,8 +20,7 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
-from dualpath_sdk.config import SchedulerConfig
-from dualpath_sdk.scheduler import Mode
+from dualpath_sdk.config import Mode, SchedulerConfig
 from dualpath_sdk.sim.presets import PRESETS
 from dualpath_sdk.sim.runner import capacity, offline, online
 

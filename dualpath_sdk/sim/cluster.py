@@ -25,11 +25,10 @@ from typing import cast
 
 import numpy as np
 
-from dualpath_sdk.config import SchedulerConfig
+from dualpath_sdk.config import Mode, SchedulerConfig
 from dualpath_sdk.scheduler import (
     AttentionModel,
     EngineReport,
-    Mode,
     PrefillWork,
     Request,
     Scheduler,

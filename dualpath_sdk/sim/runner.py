@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dualpath_sdk.config import SchedulerConfig
-from dualpath_sdk.scheduler import Mode
+from dualpath_sdk.config import Mode, SchedulerConfig
 from dualpath_sdk.sim.cluster import Simulation
 from dualpath_sdk.sim.presets import Preset
 from dualpath_sdk.sim.workload import SHAPES, generate
