@@ -1,9 +1,10 @@
 """An engine process: one PE or DE ("one engine per GPU"), driven over the control channel.
 
-The loop is nano-vllm's: take messages -> do one unit of work (a DE decode step, a PE prefill
-batch) -> report. A PE pulls work (the paper's pull model): it keeps one `Fetch` outstanding,
-which the cluster answers with the next request of its global queue once the scheduler places it
-there (not while the PE holds more than beta tokens). Every engine sends a `Report` when its
+The loop is nano-vllm's, and knows no role (vLLM v1's EngineCoreProc around its EngineCore): do one
+unit of work (a DE decode step, a PE prefill batch) -> report -> pull -> take messages, each worker
+behind the protocol of engine/worker.py. A PE pulls work (the paper's pull model): it keeps one `Fetch`
+outstanding, which the cluster answers with the next request of its global queue once the scheduler
+places it there (not while the PE holds more than beta tokens). Every engine sends a `Report` when its
 figures change, so the scheduler decides on fresh figures, and a heartbeat thread repeats the
 latest one every HEARTBEAT_S, also through a long prefill batch: the cluster notices an engine that
 exited within seconds, and a hung one (its loop stalled for STALL_S, when the heartbeat stops)
@@ -25,32 +26,22 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection
-from typing import Any
 
 import torch
 
 from dualpath_sdk.config import EngineConfig, StoreConfig, TransferConfig
 from dualpath_sdk.engine.core import kv_layout
-from dualpath_sdk.engine.de import DecodeWorker
-from dualpath_sdk.engine.messages import (
-    Admit,
-    Cancel,
-    Decode,
-    DeSlots,
-    Failed,
-    Fetch,
-    Hello,
-    Prefill,
-    Report,
-    Role,
-)
-from dualpath_sdk.engine.pe import PrefillWorker
+from dualpath_sdk.engine.decode_worker import DecodeWorker, Send
+from dualpath_sdk.engine.messages import Failed, Report, Role
+from dualpath_sdk.engine.prefill_worker import PrefillWorker
+from dualpath_sdk.engine.worker import Worker
 from dualpath_sdk.errors import DualPathError
-from dualpath_sdk.model.loader import load_model
+from dualpath_sdk.model.loader import Model, load_model
 from dualpath_sdk.store import open_store
-from dualpath_sdk.transfer import RegionDescriptor, RemoteRegion, open_transport
+from dualpath_sdk.store.backend import BlockStore
+from dualpath_sdk.transfer import Transport, open_transport
 
 HEARTBEAT_S = 0.5
 STALL_S = 60.0  # a loop iteration longer than this is a hung engine
@@ -142,117 +133,60 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
     store = open_store(spec.store, node=spec.node)
     transport = open_transport(spec.transfer, node=spec.node)
     channel = _Channel(Client(address, authkey=authkey))
-    worker: PrefillWorker | DecodeWorker
-    role_fields: dict[str, Any]  # what the cluster learns of this role's engine
-    if spec.role == "pe":
-        worker = PrefillWorker(
-            spec.engine_id,
-            model,
-            kv_layout(model, spec.engine.block_size),
-            store,
-            transport,
-            spec.buffer_slots,
-            spec.engine.max_batch_tokens,
-            spec.compute_quota_s,
-        )
-        role_fields = {"prefill_tps": worker.prefill_tps, "attention": worker.attention}
-    else:
-        worker = DecodeWorker(
-            spec.engine_id, model, spec.engine, store, transport, spec.buffer_slots, channel.send
-        )
-        role_fields = {"buffer": worker.region.descriptor}
-    layout = worker.layout
-    hello = Hello(
-        spec.engine_id,
-        spec.role,
-        spec.node,
-        os.getpid(),
-        model.fingerprint,
-        layout.dtype_name,
-        layout.bytes_per_token,
-    )
-    channel.send(replace(hello, **role_fields))
-    remotes: dict[str, RemoteRegion] = {}
-
-    def remote_for(descriptor: RegionDescriptor) -> RemoteRegion:
-        if descriptor.endpoint not in remotes:
-            remotes[descriptor.endpoint] = transport.attach(descriptor)
-        return remotes[descriptor.endpoint]
-
-    def report() -> Report:
-        free = worker.free_tokens if isinstance(worker, DecodeWorker) else 0
-        reads, buffer, c = worker.reads, worker.buffer, store.counters
-        return Report(
-            spec.engine_id,
-            worker.num_requests,
-            worker.num_tokens,
-            reads.tokens,
-            free,
-            reads.rate,
-            buffer_free=buffer.free,
-            buffer_slots=buffer.capacity,
-            store_reads=(c.hits, c.misses, c.corrupt),
-        )
-
-    last_report: Report | None = None
+    worker = _worker(spec, model, store, transport, channel.send)
+    channel.send(worker.hello(spec.node))
     heartbeat = _Heartbeat(channel)
     heartbeat.start()
-    fetching = False
     try:
-        while True:
-            if (
-                isinstance(worker, PrefillWorker) and not fetching
-            ):  # the scheduler's beta says when it is full
-                channel.send(Fetch(report()))
-                fetching = True
-            busy = worker.has_work if isinstance(worker, DecodeWorker) else bool(worker.ready())
-            wait = 0.0 if busy else 0.01
-            while channel.conn.poll(wait):
-                message = channel.conn.recv()
-                if message is None:  # the cluster's goodbye
-                    return
-                fetching = fetching and not isinstance(message, Prefill)
-                _handle(worker, message, channel)
-                wait = 0.0
-            if isinstance(worker, DecodeWorker):
-                worker.start_waiting()  # slots freed by the last step or by a finished write
-                if worker.has_work:
-                    worker.step()
-            else:
-                for result in worker.run(remote_for):
-                    channel.send(result)
-            current = report()
-            if current != last_report:  # the scheduler sees changes at once
-                channel.send(current)
-                last_report = current
-            heartbeat.beat(current)
+        _serve(worker, channel, heartbeat)
     except (EOFError, OSError):
         return  # the cluster went away
     finally:
         heartbeat.stop()
         worker.close()
-        for remote in remotes.values():
-            remote.close()
         transport.close()
         store.close()
 
 
-def _handle(worker: PrefillWorker | DecodeWorker, message: object, channel: _Channel) -> None:
-    req_id = getattr(message, "req_id", "?")
-    try:
-        if isinstance(message, Cancel):
-            worker.cancel(message.req_id)
-        elif isinstance(worker, PrefillWorker) and isinstance(message, Prefill):
-            worker.admit(message)
-        elif isinstance(worker, PrefillWorker) and isinstance(message, DeSlots):
-            worker.de_ready(message)
-        elif isinstance(worker, DecodeWorker) and isinstance(message, Admit):
-            worker.admit(message)
-        elif isinstance(worker, DecodeWorker) and isinstance(message, Decode):
-            worker.decode(message)
-        else:
-            raise TypeError(f"unexpected {type(message).__name__}")
-    except Exception as exc:
-        if not isinstance(exc, DualPathError):  # a bug, not a bad request: show where
-            traceback.print_exc()
-        channel.send(Failed.of(req_id, exc))
+def _worker(spec: EngineSpec, model: Model, store: BlockStore, transport: Transport, send: Send) -> Worker:
+    """The spec's role, as the worker the loop drives."""
+    if spec.role == "pe":
+        layout = kv_layout(model, spec.engine.block_size)
+        max_tokens, quota_s = spec.engine.max_batch_tokens, spec.compute_quota_s
+        return PrefillWorker(
+            spec.engine_id, model, layout, store, transport, spec.buffer_slots, max_tokens, quota_s
+        )
+    return DecodeWorker(spec.engine_id, model, spec.engine, store, transport, spec.buffer_slots, send)
+
+
+def _serve(worker: Worker, channel: _Channel, heartbeat: _Heartbeat) -> None:
+    """The loop, until the cluster's goodbye: one unit of work, the figures after it, then the messages."""
+    last: Report | None = None
+    while True:
+        for message in worker.step():
+            channel.send(message)
+        report = worker.report()
+        if report != last:  # the scheduler sees changes at once
+            channel.send(report)
+            last = report
+        heartbeat.beat(report)
+        for message in worker.pull():
+            channel.send(message)
+        if not _receive(worker, channel, wait=0.0 if worker.has_work else 0.01):
+            return
+
+
+def _receive(worker: Worker, channel: _Channel, wait: float) -> bool:
+    """Handle the messages that came (waiting up to `wait` s for the first); False on the goodbye."""
+    while channel.conn.poll(wait):
+        message = channel.conn.recv()
+        if message is None:  # the cluster's goodbye
+            return False
+        try:
+            worker.handle(message)
+        except Exception as exc:  # one request fails, the engine serves the others on
+            if not isinstance(exc, DualPathError):  # a bug, not a bad request: show where
+                traceback.print_exc()
+            channel.send(Failed.of(getattr(message, "req_id", "?"), exc))
+        wait = 0.0
+    return True

@@ -19,25 +19,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from dualpath_sdk.engine.core import check_token_ids
-from dualpath_sdk.engine.messages import DeSlots, Failed, Prefill, Prefilled
+from dualpath_sdk.engine.messages import DeSlots, Failed, Fetch, Hello, Prefill, Prefilled, Role
 from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, prefill_layerwise
-from dualpath_sdk.engine.read_queue import ReadQueue
 from dualpath_sdk.engine.sampler import sample
 from dualpath_sdk.engine.sequence import Sequence
+from dualpath_sdk.engine.worker import Read, Worker
 from dualpath_sdk.errors import ContextTooLong
 from dualpath_sdk.kv.block import KVLayout
 from dualpath_sdk.model.loader import Model
 from dualpath_sdk.scheduler import AttentionModel, PrefillWork, block_chunks, fit_attention_model
 from dualpath_sdk.store.backend import BlockStore
-from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
+from dualpath_sdk.store.buffers import BufferSlot
 from dualpath_sdk.transfer import Region, RegionDescriptor, RemoteRegion, TransferOp, Transport
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ log = logging.getLogger(__name__)
 class _Pending:
     task: Prefill
     slots: list[BufferSlot] = field(default_factory=list)
-    reads: Future[list[bool]] | None = None
+    reads: Future[Read] | None = None
     started: bool = False  # has its buffer slots (and its reads, if any, are running)
     de: DeSlots | None = None
     read_s: float = 0.0
@@ -62,7 +60,12 @@ class _Pending:
         return bool(self.task.pe_reads) and self.task.mode != "oracle"
 
 
-class PrefillWorker:
+class PrefillWorker(Worker):
+    """Keeps one `Fetch` outstanding (the pull model, engine/process.py): only a received `Prefill`
+    clears it, and the next one goes out after the following batch and its report."""
+
+    role: Role = "pe"
+
     def __init__(
         self,
         engine_id: str,
@@ -74,27 +77,34 @@ class PrefillWorker:
         max_batch_tokens: int,
         compute_quota_s: float,
     ) -> None:
-        self.model = model
-        self.layout = layout
-        self.store = store
+        super().__init__(engine_id, model, layout, store, transport, buffer_slots)
         self.transport = transport
         self.max_batch_tokens = max_batch_tokens
         self.compute_quota_s = compute_quota_s
-        self.buffer_region = transport.allocate(
-            f"{engine_id}-pe-buffer", HostBufferPool.region_bytes(layout, buffer_slots)
-        )
-        self.buffer = HostBufferPool(layout, buffer_slots, "PE buffer", region=self.buffer_region.tensor)
         max_blocks = layout.blocks(max_batch_tokens) + buffer_slots  # a batch's blocks, cached ones included
         self.work = transport.allocate(
             f"{engine_id}-pe-work", IN_FLIGHT_LAYERS * max_blocks * layout.layer_block_nbytes
         )
         self.max_blocks = max_blocks
-        self.readers = ThreadPoolExecutor(2, thread_name_prefix="pe-read")
         self.io = LayerIO()
         self.pending: dict[str, _Pending] = {}
-        self.waiting: deque[_Pending] = deque()  # admitted, waiting for buffer slots, in order
-        self.reads = ReadQueue()
+        self.remotes: dict[str, RemoteRegion] = {}  # DE buffers, attached on first use
+        self.fetching = False
+        self.handlers.update({Prefill: self._on_prefill, DeSlots: self.de_ready})
         self.attention, self.prefill_tps = self._profile()
+
+    def hello(self, node: str) -> Hello:
+        return replace(super().hello(node), prefill_tps=self.prefill_tps, attention=self.attention)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.ready())
+
+    def pull(self) -> list[Fetch]:
+        if self.fetching:
+            return []
+        self.fetching = True  # the scheduler's beta says when this PE is full
+        return [Fetch(report=self.report())]
 
     # ---- load figures -----------------------------------------------------------------------
 
@@ -127,6 +137,10 @@ class PrefillWorker:
 
     # ---- tasks ------------------------------------------------------------------------------
 
+    def _on_prefill(self, task: Prefill) -> None:
+        self.fetching = False  # the Fetch is answered, whether or not the task is admitted
+        self.admit(task)
+
     def admit(self, task: Prefill) -> None:
         """Queue the task; its reads of the PE's share of the cached blocks start once the PE
         buffer has slots for them (never blocking the loop, whose prefills free the slots)."""
@@ -145,37 +159,16 @@ class PrefillWorker:
                 "slots (buffer_slots)"
             )
         self.pending[task.req_id] = pending
-        if pending.reading:
-            self.reads.add(sum(task.pe_read_tokens(self.layout.block_size)))
-        self.waiting.append(pending)
-        self.start_waiting()
+        tokens = task.pe_read_tokens(self.layout.block_size) if pending.reading else []
+        self.queue(task.req_id, len(tokens), sum(tokens), lambda slots: self._start(pending, slots, tokens))
 
-    def start_waiting(self) -> None:
-        """Start queued tasks in order while the buffer has slots for their reads."""
-        while self.waiting:
-            pending = self.waiting[0]
-            n = len(pending.task.pe_reads) if pending.reading else 0
-            if n > self.buffer.free:
-                return
-            self.waiting.popleft()
-            pending.started = True
-            if n:
-                pending.slots = self.buffer.acquire(n)
-                self._read(pending)
-
-    def _read(self, pending: _Pending) -> None:
-        items = [
-            (key, slot.block) for (_, key), slot in zip(pending.task.pe_reads, pending.slots, strict=True)
-        ]
-        tokens = pending.task.pe_read_tokens(self.layout.block_size)
-        started = time.perf_counter()
-        pending.reads = self.readers.submit(self.store.read_many, items, tokens)
-
-        def done(_: Future[list[bool]]) -> None:
-            pending.read_s = time.perf_counter() - started
-            self.reads.remove(sum(tokens))
-
-        pending.reads.add_done_callback(done)
+    def _start(self, pending: _Pending, slots: list[BufferSlot], tokens: list[int]) -> None:
+        """`pending` has the PE buffer slots for its reads: read its share of the cached blocks."""
+        pending.started = True
+        if slots:
+            pending.slots = slots
+            items = [(key, slot.block) for (_, key), slot in zip(pending.task.pe_reads, slots, strict=True)]
+            pending.reads = self.read_blocks(items, tokens)
 
     def de_ready(self, slots: DeSlots) -> None:
         if slots.req_id in self.pending:
@@ -183,12 +176,7 @@ class PrefillWorker:
 
     def cancel(self, req_id: str) -> None:
         pending = self.pending.pop(req_id, None)
-        if pending is None:
-            return
-        if not pending.started:
-            self.waiting.remove(pending)
-            if pending.reading:
-                self.reads.remove(sum(pending.task.pe_read_tokens(self.layout.block_size)), read=False)
+        if pending is None or self.unqueue(req_id):
             return
         if pending.reads is not None:
             pending.reads.result()  # the slots are being written: wait before handing them back
@@ -201,7 +189,7 @@ class PrefillWorker:
             if p.started and p.de is not None and (p.reads is None or p.reads.done())
         ]
 
-    def run(self, remote_for: Callable[[RegionDescriptor], RemoteRegion]) -> list[Prefilled | Failed]:
+    def step(self) -> list[Prefilled | Failed]:
         """Prefill the ready requests in one layer-wise batch, and report the first token of each
         request whose last chunk it was.
 
@@ -213,7 +201,7 @@ class PrefillWorker:
             return []
         start = time.perf_counter()
         try:
-            jobs = [self._job(p, upto, remote_for) for p, upto in batch]
+            jobs = [self._job(p, upto) for p, upto in batch]
             overlap = batch[0][0].task.mode != "basic"  # the mode is the cluster's: one per batch
             logits = prefill_layerwise(
                 self.model.transformer, self.layout, jobs, self.io, self._layer_memory, overlap
@@ -239,8 +227,17 @@ class PrefillWorker:
         for i, token in zip(last, firsts, strict=True):
             p = batch[i][0]
             del self.pending[p.task.req_id]
+            bytes_pe, bytes_de = p.bytes_read
             results.append(
-                Prefilled(p.task.req_id, token, p.num_cached, p.read_s, p.prefill_s, *p.bytes_read)
+                Prefilled(
+                    req_id=p.task.req_id,
+                    first_token=token,
+                    num_cached=p.num_cached,
+                    read_s=p.read_s,
+                    prefill_s=p.prefill_s,
+                    bytes_pe=bytes_pe,
+                    bytes_de=bytes_de,
+                )
             )
         self.start_waiting()
         return results
@@ -265,9 +262,7 @@ class PrefillWorker:
 
     # ---- one request's loads and sends -------------------------------------------------------------
 
-    def _job(
-        self, p: _Pending, upto: int, remote_for: Callable[[RegionDescriptor], RemoteRegion]
-    ) -> PrefillJob:
+    def _job(self, p: _Pending, upto: int) -> PrefillJob:
         """Prefill `p`'s prompt up to `upto` on top of its cached blocks.
 
         The first chunk loads the PE's reads from its slots and the DE's reads from the DE buffer;
@@ -284,8 +279,8 @@ class PrefillWorker:
         if p.done:
             from_pe, cached = 0, p.done
         else:
-            pe_ok = p.reads.result() if p.reads is not None else []
-            pe_valid = next((i for i, ok in enumerate(pe_ok) if not ok), len(pe_ok))
+            read = p.reads.result() if p.reads is not None else Read(0, 0.0)
+            pe_valid, p.read_s = read.valid, read.seconds
             n_pe = len(task.pe_reads)
             from_pe = min(n_pe, pe_valid)
             loaded = pe_valid if pe_valid < n_pe else n_pe + p.de.valid_reads
@@ -293,7 +288,7 @@ class PrefillWorker:
             pe_tokens = min(from_pe * bs, cached)
             p.bytes_read = (pe_tokens * token_bytes, (cached - pe_tokens) * token_bytes)
         loaded = self.layout.blocks(cached)  # blocks that hold cached KV, the last one perhaps partial
-        remote = remote_for(p.de.buffer)
+        remote = self._remote(p.de.buffer)
         offsets = p.de.offsets
         # the DE holds the rest intact
         sent = [i for i in range(self.layout.blocks(upto)) if not from_pe <= i < cached // bs]
@@ -328,6 +323,11 @@ class PrefillWorker:
 
         return PrefillJob(tokens, cached, load_layer, send_layer)
 
+    def _remote(self, descriptor: RegionDescriptor) -> RemoteRegion:
+        if descriptor.endpoint not in self.remotes:
+            self.remotes[descriptor.endpoint] = self.transport.attach(descriptor)
+        return self.remotes[descriptor.endpoint]
+
     def _layer_memory(self, layer: int, blocks: int) -> torch.Tensor:
         """Layer `layer`'s working KV, a view into the registered work region (a ring of 3 layers)."""
         per_layer = self.max_blocks * self.layout.layer_block_nbytes
@@ -337,10 +337,11 @@ class PrefillWorker:
         return raw.view(self.layout.dtype).view(blocks, *self.layout.layer_block_shape)
 
     def close(self) -> None:
-        self.readers.shutdown(wait=True)
+        super().close()
         self.io.close()
         self.work.close()
-        self.buffer_region.close()
+        for remote in self.remotes.values():
+            remote.close()
 
 
 def _nothing(layer: int, kv: torch.Tensor) -> None:

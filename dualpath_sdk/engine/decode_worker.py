@@ -18,9 +18,7 @@ that position; the superseded partial block is left to LRU eviction.
 from __future__ import annotations
 
 import logging
-import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -28,15 +26,15 @@ import torch
 
 from dualpath_sdk.config import EngineConfig
 from dualpath_sdk.engine.core import EngineCore
-from dualpath_sdk.engine.messages import Admit, Admitted, Decode, Failed, Finished, Tokens
-from dualpath_sdk.engine.read_queue import ReadQueue
+from dualpath_sdk.engine.messages import Admit, Admitted, Decode, Failed, Finished, Hello, Role, Tokens
 from dualpath_sdk.engine.sequence import MAX_SEED, Sequence, Status
+from dualpath_sdk.engine.worker import Read, Worker
 from dualpath_sdk.errors import ContextTooLong
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import BlockKey, block_keys, partial_key
 from dualpath_sdk.model.loader import Model
 from dualpath_sdk.store.backend import BlockStore
-from dualpath_sdk.store.buffers import BufferSlot, HostBufferPool
+from dualpath_sdk.store.buffers import BufferSlot
 from dualpath_sdk.transfer import Transport
 
 Send = Callable[[object], None]
@@ -72,7 +70,12 @@ class _Request:
     persist: bool = True
 
 
-class DecodeWorker:
+class DecodeWorker(Worker):
+    """`send` takes the messages born on its I/O threads, the moment they happen: `Admitted` as a
+    prompt's reads end, `Finished` as its writes are durable (thread-safe, it never waits for the loop)."""
+
+    role: Role = "de"
+
     def __init__(
         self,
         engine_id: str,
@@ -84,20 +87,20 @@ class DecodeWorker:
         send: Send,
     ) -> None:
         self.core = EngineCore(model, config)
-        self.layout = self.core.layout
-        self.store = store
+        super().__init__(engine_id, model, self.core.layout, store, transport, buffer_slots)
         self.send = send
-        self.region = transport.allocate(
-            f"{engine_id}-de-buffer", HostBufferPool.region_bytes(self.layout, buffer_slots)
-        )
-        self.buffer = HostBufferPool(self.layout, buffer_slots, "DE buffer", region=self.region.tensor)
-        self.readers = ThreadPoolExecutor(2, thread_name_prefix="de-read")
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="de-persist")
         self.requests: dict[str, _Request] = {}
-        self.reads = ReadQueue()
-        self.waiting: deque[Admit] = deque()  # admitted prompts waiting for buffer slots, in order
         self.persist_causes: set[str] = set()  # why writes failed, each logged once
         self.core.on_finish = self._persist_last
+        self.handlers.update({Admit: self.admit, Decode: self.decode})
+
+    def hello(self, node: str) -> Hello:
+        return replace(super().hello(node), buffer=self.region.descriptor)  # PEs attach to it
+
+    @property
+    def has_work(self) -> bool:
+        return self.core.has_work
 
     # ---- load figures ------------------------------------------------------------------------
 
@@ -131,38 +134,25 @@ class DecodeWorker:
                 f"a {need}-block prompt exceeds the DE buffer's {self.buffer.capacity} slots (buffer_slots)"
             )
         self.requests[task.req_id] = _Request(task.req_id, task.prompt_len, [])
-        self.reads.add(sum(task.read_tokens(self.layout.block_size)))
-        self.waiting.append(task)
-        self.start_waiting()
-
-    def start_waiting(self) -> None:
-        """Start queued prompts in order while the buffer has slots for them."""
-        while self.waiting:
-            task = self.waiting[0]
-            need = self.layout.blocks(task.prompt_len)
-            if need > self.buffer.free:
-                return
-            self.waiting.popleft()
-            self.requests[task.req_id].slots = slots = self.buffer.acquire(need)
-            self._read(task, slots)
-
-    def _read(self, task: Admit, slots: list[BufferSlot]) -> None:
-        offsets = [slot.offset for slot in slots]
         tokens = task.read_tokens(self.layout.block_size)
+        self.queue(task.req_id, need, sum(tokens), lambda slots: self._start(task, slots, tokens))
+
+    def _start(self, task: Admit, slots: list[BufferSlot], tokens: list[int]) -> None:
+        """The prompt has its DE buffer slots: read the DE's share of the cached blocks into them."""
+        self.requests[task.req_id].slots = slots
+        offsets = [slot.offset for slot in slots]
         if not task.reads:
-            self.send(Admitted(task.req_id, offsets, 0, 0.0))
+            self.send(Admitted(req_id=task.req_id, offsets=offsets, valid_reads=0, read_s=0.0))
             return
-        started = time.perf_counter()
 
-        def read() -> None:
-            try:
-                ok = self.store.read_many([(key, slots[i].block) for i, key in task.reads], tokens)
-            finally:
-                self.reads.remove(sum(tokens))
-            valid = next((i for i, good in enumerate(ok) if not good), len(ok))
-            self.send(Admitted(task.req_id, offsets, valid, time.perf_counter() - started))
+        def admitted(reads: Future[Read]) -> None:
+            if reads.exception() is None:
+                read = reads.result()
+                self.send(
+                    Admitted(req_id=task.req_id, offsets=offsets, valid_reads=read.valid, read_s=read.seconds)
+                )
 
-        self.readers.submit(read)
+        self.read_blocks([(key, slots[i].block) for i, key in task.reads], tokens).add_done_callback(admitted)
 
     def decode(self, task: Decode) -> None:
         request = self.requests[task.req_id]
@@ -194,26 +184,28 @@ class DecodeWorker:
         request.next_block = len(keys)
 
     def cancel(self, req_id: str) -> None:
-        waiting = next((t for t in self.waiting if t.req_id == req_id), None)
-        if waiting is not None:
-            self.waiting.remove(waiting)
-            self.reads.remove(sum(waiting.read_tokens(self.layout.block_size)), read=False)
+        self.unqueue(req_id)
         request = self.requests.get(req_id)
         if request is not None:
             if request.seq is not None and request.seq.status != Status.FINISHED:
                 self.core.abort(request.seq)
             self._finish(request, "abort", notify=False)
 
-    @property
-    def has_work(self) -> bool:
-        return self.core.has_work
+    def step(self) -> Iterator[Tokens | Failed]:
+        """Start the prompts whose slots are free now (freed by the last step or by a finished write);
+        then one decode step of the running batch, streaming tokens and persisting filled blocks.
 
-    def step(self) -> None:
-        """One decode step of the running batch; streams tokens and persists filled blocks."""
+        Each `Tokens` is yielded before its request finishes, so the loop has sent it before the
+        writer thread can send the request's `Finished`."""
+        self.start_waiting()
+        if not self.core.has_work:
+            return
+        failed: list[Failed] = []
         try:
             sampled = self.core.step()
         except Exception as exc:
-            sampled = self._step_each_alone(exc)
+            sampled, failed = self._step_each_alone(exc)
+        yield from failed
         for request in list(self.requests.values()):
             seq = request.seq
             if seq is None:
@@ -224,25 +216,25 @@ class DecodeWorker:
             self._persist_filled(request)
         for seq in sampled:
             request = self._by_seq(seq)
-            self.send(Tokens(request.req_id, [seq.token_ids[-1]]))
+            yield Tokens(req_id=request.req_id, tokens=[seq.token_ids[-1]])
             if seq.status == Status.FINISHED:
                 self._finish(request, seq.finish_reason or "stop")
 
     # ---- internals ------------------------------------------------------------------------------
 
-    def _step_each_alone(self, exc: Exception) -> list[Sequence]:
+    def _step_each_alone(self, exc: Exception) -> tuple[list[Sequence], list[Failed]]:
         """A batched step raised: step each sequence alone, so only a request that raises again
         fails (with its error's kind) and the engine serves the others on."""
         log.warning("a decode step of %d sequences raised (%r): stepping each alone", len(self.requests), exc)
-        sampled = []
+        sampled, failed = [], []
         for seq in [*self.core.running, *self.core.waiting]:
             try:
                 sampled += self.core.step(only=seq)
             except Exception as alone:
                 request = self._by_seq(seq)
                 self.cancel(request.req_id)
-                self.send(Failed.of(request.req_id, alone))
-        return sampled
+                failed.append(Failed.of(request.req_id, alone))
+        return sampled, failed
 
     def _persist_filled(self, request: _Request) -> None:
         seq = request.seq
@@ -315,7 +307,10 @@ class DecodeWorker:
             if slots:
                 self.buffer.release(slots)
             if notify:
-                self.send(Finished(request.req_id, reason, request.persisted - failed, failed))
+                persisted = request.persisted - failed
+                self.send(
+                    Finished(req_id=request.req_id, reason=reason, persisted=persisted, persist_failed=failed)
+                )
 
         self.writer.submit(done)
 
@@ -323,6 +318,5 @@ class DecodeWorker:
         return next(r for r in self.requests.values() if r.seq is seq)
 
     def close(self) -> None:
-        self.readers.shutdown(wait=True)
         self.writer.shutdown(wait=True)
-        self.region.close()
+        super().close()
