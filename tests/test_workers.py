@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from dualpath_sdk.config import EngineConfig, StoreConfig, TransferConfig
 from dualpath_sdk.engine.decode_worker import DecodeWorker
-from dualpath_sdk.engine.messages import Admit, Admitted, Cancel, Decode, Finished, Prefill, Tokens
+from dualpath_sdk.engine.messages import Admit, Admitted, Cancel, Decode, Failed, Finished, Prefill, Tokens
 from dualpath_sdk.engine.sequence import SamplingParams
 from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import block_keys
@@ -80,6 +82,19 @@ def test_reads_count_in_the_read_queue_and_end_at_the_first_missing_block(
     worker.handle(Admit(req_id="a", prompt_len=3 * BS, reads=list(enumerate(keys)), cached_tokens=3 * BS))
     admitted = sent.wait_for(Admitted)
     assert isinstance(admitted, Admitted) and admitted.valid_reads == 1
+    assert worker.report().read_q == 0
+
+
+def test_a_read_the_store_fails_answers_failed_with_its_kind(de: tuple[DecodeWorker, _Sent]) -> None:
+    """Not a miss (that is a recompute): the store raised, so the step fails at once, never hangs."""
+    worker, sent = de
+    keys = block_keys(worker.core.root_key(), list(range(BS)), BS)
+    half = replace(worker.layout, dtype=torch.float16)  # a block of another layout under this key
+    worker.store.put(keys[0], None, BS, FullBlock.empty(half))
+    worker.handle(Admit(req_id="a", prompt_len=BS + 1, reads=[(0, keys[0])], cached_tokens=BS))
+    failed = sent.wait_for(Failed)
+    assert isinstance(failed, Failed) and (failed.req_id, failed.kind) == ("a", "InvalidInput")
+    assert not any(isinstance(m, Admitted) for m in sent.messages)
     assert worker.report().read_q == 0
 
 

@@ -146,11 +146,15 @@ class DecodeWorker(Worker):
             return
 
         def admitted(reads: Future[Read]) -> None:
-            if reads.exception() is None:
-                read = reads.result()
-                self.send(
-                    Admitted(req_id=task.req_id, offsets=offsets, valid_reads=read.valid, read_s=read.seconds)
-                )
+            if reads.cancelled():  # the engine is closing
+                return
+            if (exc := reads.exception()) is not None:  # the store failed (not a miss): the step fails
+                self.send(Failed.of(task.req_id, exc))
+                return
+            read = reads.result()
+            self.send(
+                Admitted(req_id=task.req_id, offsets=offsets, valid_reads=read.valid, read_s=read.seconds)
+            )
 
         self.read_blocks([(key, slots[i].block) for i, key in task.reads], tokens).add_done_callback(admitted)
 
