@@ -59,7 +59,9 @@ class _SlotPrefix:
 
 
 @dataclass
-class _Request:
+class _DeRequest:
+    """A request as the DE holds it, from `Admit` to `Finished`."""
+
     req_id: str
     prompt_len: int
     slots: list[BufferSlot]
@@ -90,7 +92,7 @@ class DecodeWorker(Worker):
         super().__init__(engine_id, model, self.core.layout, store, transport, buffer_slots)
         self.send = send
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="de-persist")
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, _DeRequest] = {}
         self.persist_causes: set[str] = set()  # why writes failed, each logged once
         self.core.on_finish = self._persist_last
         self.handlers.update({Admit: self.admit, Decode: self.decode})
@@ -133,7 +135,7 @@ class DecodeWorker(Worker):
             raise ContextTooLong(
                 f"a {need}-block prompt exceeds the DE buffer's {self.buffer.capacity} slots (buffer_slots)"
             )
-        self.requests[task.req_id] = _Request(task.req_id, task.prompt_len, [])
+        self.requests[task.req_id] = _DeRequest(task.req_id, task.prompt_len, [])
         tokens = task.read_tokens(self.layout.block_size)
         self.queue(task.req_id, need, sum(tokens), lambda slots: self._start(task, slots, tokens))
 
@@ -240,7 +242,7 @@ class DecodeWorker(Worker):
                 failed.append(Failed.of(request.req_id, alone))
         return sampled, failed
 
-    def _persist_filled(self, request: _Request) -> None:
+    def _persist_filled(self, request: _DeRequest) -> None:
         seq = request.seq
         assert seq is not None
         new = range(request.next_block, len(seq.keys))
@@ -265,7 +267,7 @@ class DecodeWorker(Worker):
             self._persist_partial(request, seq.root_key, seq.token_ids[: seq.num_computed], seq.keys, block)
 
     def _persist_partial(
-        self, request: _Request, root: BlockKey, computed: list[int], keys: list[BlockKey], block: FullBlock
+        self, request: _DeRequest, root: BlockKey, computed: list[int], keys: list[BlockKey], block: FullBlock
     ) -> None:
         """Persist `block` as the partial block of `computed` (the tokens whose KV exists): the
         tokens after its Full Blocks, whose keys are `keys` (chained from `root`)."""
@@ -301,7 +303,7 @@ class DecodeWorker(Worker):
                     log.error("persisting blocks failed (logged once per cause): %s", exc)
         return failed
 
-    def _finish(self, request: _Request, reason: str, notify: bool = True) -> None:
+    def _finish(self, request: _DeRequest, reason: str, notify: bool = True) -> None:
         """Free the request once its writes are durable; then tell the cluster (in write order)."""
         del self.requests[request.req_id]
         writes, slots = request.writes, request.slots
@@ -318,7 +320,7 @@ class DecodeWorker(Worker):
 
         self.writer.submit(done)
 
-    def _by_seq(self, seq: Sequence) -> _Request:
+    def _by_seq(self, seq: Sequence) -> _DeRequest:
         return next(r for r in self.requests.values() if r.seq is seq)
 
     def close(self) -> None:

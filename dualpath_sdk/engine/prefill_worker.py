@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Pending:
+class _PeRequest:
+    """A request as the PE holds it, from `Prefill` to its first token."""
+
     task: Prefill
     slots: list[BufferSlot] = field(default_factory=list)
     reads: Future[Read] | None = None
@@ -87,7 +89,7 @@ class PrefillWorker(Worker):
         )
         self.max_blocks = max_blocks
         self.io = LayerIO()
-        self.pending: dict[str, _Pending] = {}
+        self.pending: dict[str, _PeRequest] = {}
         self.remotes: dict[str, RemoteRegion] = {}  # DE buffers, attached on first use
         self.fetching = False
         self.handlers.update({Prefill: self._on_prefill, DeSlots: self.de_ready})
@@ -152,7 +154,7 @@ class PrefillWorker(Worker):
                 f"{len(task.token_ids)} prompt tokens + max_tokens {task.params.max_tokens} exceed the "
                 f"context of {limit}"
             )
-        pending = _Pending(task)
+        pending = _PeRequest(task)
         if pending.reading and len(task.pe_reads) > self.buffer.capacity:
             raise ContextTooLong(
                 f"{len(task.pe_reads)} cached blocks exceed the PE buffer's {self.buffer.capacity} "
@@ -162,7 +164,7 @@ class PrefillWorker(Worker):
         tokens = task.pe_read_tokens(self.layout.block_size) if pending.reading else []
         self.queue(task.req_id, len(tokens), sum(tokens), lambda slots: self._start(pending, slots, tokens))
 
-    def _start(self, pending: _Pending, slots: list[BufferSlot], tokens: list[int]) -> None:
+    def _start(self, pending: _PeRequest, slots: list[BufferSlot], tokens: list[int]) -> None:
         """`pending` has the PE buffer slots for its reads: read its share of the cached blocks."""
         pending.started = True
         if slots:
@@ -182,7 +184,7 @@ class PrefillWorker(Worker):
             pending.reads.result()  # the slots are being written: wait before handing them back
         self.buffer.release(pending.slots)
 
-    def ready(self) -> list[_Pending]:
+    def ready(self) -> list[_PeRequest]:
         return [
             p
             for p in self.pending.values()
@@ -242,7 +244,7 @@ class PrefillWorker(Worker):
         self.start_waiting()
         return results
 
-    def _batch(self, ready: list[_Pending]) -> list[tuple[_Pending, int]]:
+    def _batch(self, ready: list[_PeRequest]) -> list[tuple[_PeRequest, int]]:
         """FIFO up to the compute quota (PAPER.md, Inside a PE) and the work region's size: each
         request with the prompt length its KV will reach (the whole prompt, or a chunk of it).
 
@@ -262,7 +264,7 @@ class PrefillWorker(Worker):
 
     # ---- one request's loads and sends -------------------------------------------------------------
 
-    def _job(self, p: _Pending, upto: int) -> PrefillJob:
+    def _job(self, p: _PeRequest, upto: int) -> PrefillJob:
         """Prefill `p`'s prompt up to `upto` on top of its cached blocks.
 
         The first chunk loads the PE's reads from its slots and the DE's reads from the DE buffer;
