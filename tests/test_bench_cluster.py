@@ -9,15 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dualpath_sdk.bench.cluster import (
-    BLOCK,
-    Run,
-    Step,
-    _cached_share,
-    _utilisation,
-    synthetic_agents,
-    trace_agents,
-)
+from dualpath_sdk.bench.cluster.report import cached_share
+from dualpath_sdk.bench.cluster.runs import Run, Step, utilisation
+from dualpath_sdk.bench.cluster.workloads import BLOCK, synthetic_agents, trace_agents
 
 
 def _trace(path: Path, requests: list[tuple[list[int], int, int]]) -> Path:
@@ -66,7 +60,7 @@ def test_utilisation_is_bytes_per_window_over_the_cap() -> None:
     node = "abcd-pe-node0"
     # 10 B/s for 8 s, then idle for 4 s, sampled every second; cap 20 B/s
     samples = [(float(t), {node: (10.0 * min(t, 8), 0.0)}) for t in range(13)]
-    busiest, mean = _utilisation(samples, 20.0)["pe-node0"]
+    busiest, mean = utilisation(samples, 20.0)["pe-node0"]
     assert busiest == pytest.approx(0.5)
     assert mean == pytest.approx(80 / 12 / 20)
 
@@ -79,7 +73,7 @@ def test_the_cached_share_counts_tokens_not_blocks() -> None:
         return Step("a", 1, SimpleNamespace(usage=usage))  # type: ignore[arg-type]
 
     run = Run("1P1D", "basic", 1.0, [step(1074, 1033), step(1124, 1083)], {})
-    assert _cached_share(run) == pytest.approx((1033 + 1083) / (1074 + 1124))
+    assert cached_share(run) == pytest.approx((1033 + 1083) / (1074 + 1124))
 
 
 @pytest.mark.slow

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 import pytest
 
-from dualpath_sdk.config import SchedulerConfig
+from dualpath_sdk.config import Mode, ReadPlanChoice, SchedulerConfig
 from dualpath_sdk.scheduler import (
     AttentionModel,
     EngineReport,
+    Pipeline,
     PrefillWork,
     Request,
     Scheduler,
+    Snapshot,
     Thresholds,
+    Waiting,
     block_chunks,
     choose_de,
     choose_de_group,
@@ -29,8 +35,8 @@ def pe(eid: str, tok: int, read_q: int = 0, node: str = "n0") -> EngineReport:
     return EngineReport(eid, node, "pe", seq_e=0, tok_e=tok, read_q=read_q, free_tokens=0)
 
 
-def de(eid: str, tok: int, seq: int, free: int) -> EngineReport:
-    return EngineReport(eid, "d0", "de", seq_e=seq, tok_e=tok, read_q=0, free_tokens=free)
+def de(eid: str, tok: int, seq: int, free: int, node: str = "d0") -> EngineReport:
+    return EngineReport(eid, node, "de", seq_e=seq, tok_e=tok, read_q=0, free_tokens=free)
 
 
 def req(rid: int, tokens: int, cached: int = 0, decode: int = 0) -> Request:
@@ -250,3 +256,115 @@ def test_block_chunks_chunk_on_block_boundaries_within_the_quota() -> None:
     partial = PrefillWork("p", 20, 60)
     assert block_chunks([partial], model, 1e-9, 16, 100, 2048) == [32]  # the rest of block 1
     assert block_chunks([partial], model, 0.03, 16, 100, 2048) == [48]  # 50 rounds down
+
+
+# --- The placement pipeline ------------------------------------------------------------------------------
+
+
+def pipeline(mode: Mode = "dualpath", split: bool = False) -> Pipeline:
+    config = SchedulerConfig(split_reads=split)
+    return Pipeline(Scheduler(config, Thresholds(alpha=1000, beta=5000), AttentionModel(0, 0, 0), mode), 64)
+
+
+def test_a_pass_places_in_the_papers_order_and_each_plan_sees_the_reads_before_it() -> None:
+    # Two PEs on one node, two DE groups. PE choice: 1 -> pa, 2 -> pb (fewer tokens), 3 -> pa.
+    # Level 1: 1 -> g1 (fewer tokens), 2 -> g0, 3 -> g1.
+    table = Snapshot(
+        pe=[pe("pa", 0, node="p"), pe("pb", 0, node="p")],
+        de={"g0": [de("d0", 500, 1, 10_000, "g0")], "g1": [de("d1", 0, 0, 10_000, "g1")]},
+        nodes={"g0": 500},
+    )
+    queue = [req(1, 700, cached=640), req(2, 700, cached=640), req(3, 700, cached=640)]
+    done = pipeline().place(queue, table)
+    assert [(w.request.request_id, w.pe, w.group) for w in done.fetched] == [
+        (1, "pa", "g1"),
+        (2, "pb", "g0"),
+        (3, "pa", "g1"),
+    ]
+    # Groups are walked in the order requests joined them: g1 (1 and 3), then g0 (2). Reads go to the
+    # shorter queue (ties: PE): 1 ties at 0 and queues 640 tokens on the PE node, so 3 reads on g1, and
+    # 2 finds the PE node's 640 longer than g0's reported 500 (without the pass's charge: 0, the PE side).
+    got = [(d.request.request_id, d.pe, d.de, d.plan.kind, d.pe_tokens, d.de_tokens) for d in done.admitted]
+    assert got == [
+        (1, "pa", "d1", "pe", 640, 0),
+        (3, "pa", "d1", "de", 0, 640),
+        (2, "pb", "d0", "de", 0, 640),
+    ]
+    assert table.nodes == {"g0": 500}  # the pass charged its own copy
+
+
+def test_a_request_waits_in_its_group_until_a_de_has_memory() -> None:
+    table = Snapshot(pe=[pe("p0", 0)], de={"g": [de("d", 0, seq=1, free=100, node="g")]})
+    done = pipeline().place([req(1, 150, decode=10)], table)
+    [w] = done.fetched
+    assert (w.pe, w.group) == ("p0", "g") and done.admitted == []
+    # A later pass: the PE is over beta, so nothing new is fetched; the DE freed memory: the queue moves.
+    table = Snapshot(pe=[], de={"g": [de("d", 0, seq=0, free=160, node="g")]}, queues={"g": [w]})
+    assert pipeline().place([req(2, 10)], table).fetched == []
+    assert pipeline().place([], table).admitted == []  # the group did not change: not walked
+    [d] = pipeline().place([], table, changed=["g"]).admitted
+    assert (d.request.request_id, d.pe, d.de) == (1, "p0", "d")
+    # A group's queued tokens are its load (level 1): the next request goes to the other group.
+    two = Snapshot(
+        pe=[pe("p0", 0)],
+        de={"g": [de("d", 0, 1, 100, "g")], "h": [de("e", 100, 1, 100, "h")]},
+        queues={"g": [w]},
+    )
+    assert [x.group for x in pipeline().place([req(2, 10)], two).fetched] == ["h"]
+    assert pipeline().place([req(2, 10)], Snapshot(pe=[pe("p0", 0)], de={})).fetched == []  # no DE yet
+
+
+def test_an_idle_group_takes_a_request_too_big_for_it_so_its_de_refuses_it() -> None:
+    big = Waiting(req(1, 500), "p0", "p", "g")
+    idle = Snapshot(pe=[], de={"g": [de("a", 0, 0, 100, "g"), de("b", 0, 0, 200, "g")]}, queues={"g": [big]})
+    assert [d.de for d in pipeline().place([], idle, ["g"]).admitted] == ["a"]
+    busy = Snapshot(pe=[], de={"g": [de("a", 0, 0, 100, "g"), de("b", 50, 1, 200, "g")]}, queues={"g": [big]})
+    assert pipeline().place([], busy, ["g"]).admitted == []  # b will free memory: the request waits
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_group_walk_places_what_choose_de_places_from_the_whole_queue(seed: int) -> None:
+    """The walk hands choose_de only R and the request after it, and skips a head no DE fits."""
+    rng = random.Random(seed)
+    engines = [
+        de(f"d{i}", rng.randrange(3000), rng.randrange(1, 5), rng.randrange(3000), "g")
+        for i in range(rng.randrange(1, 5))
+    ]
+    queue = [
+        Waiting(req(j, rng.randrange(1, 1500), decode=rng.randrange(200)), "p0", "p", "g")
+        for j in range(rng.randrange(1, 16))
+    ]
+    for mode in ("dualpath", "basic"):
+        whole = pipeline(mode).scheduler.choose_de([w.request for w in queue], engines)
+        walk = pipeline(mode)  # basic: a fresh round-robin cursor
+        walked = walk.place([], Snapshot(pe=[], de={"g": engines}, queues={"g": queue}), ["g"]).admitted
+        assert [(d.request.request_id, d.de) for d in walked] == [
+            (x.request.request_id, x.engine_id) for x in whole
+        ]
+
+
+def test_forced_read_plans_and_modes() -> None:
+    table = Snapshot(pe=[pe("p0", 0, node="p")], de={"g": [de("d", 0, 0, 10_000, "g")]}, nodes={"p": 10_000})
+
+    def plan(mode: Mode, choice: ReadPlanChoice) -> tuple[str, int, int]:
+        r = Request(1, 500, cached_tokens=196, read_plan=choice)  # 4 blocks, the last holding 4 tokens
+        [d] = pipeline(mode, split=True).place([r], table).admitted
+        return d.plan.kind, d.pe_tokens, d.de_tokens
+
+    assert plan("dualpath", "auto") == ("de", 0, 196)  # the PE node's queue is far longer
+    assert plan("dualpath", "pe") == ("pe", 196, 0)
+    assert plan("dualpath", "split") == ("split", 128, 68)  # forced: halves, the DE side ends partial
+    table = replace(table, nodes={})
+    assert plan("dualpath", "de") == ("de", 0, 196)
+    assert plan("dualpath", "auto") == ("split", 128, 68)  # idle queues: the water-filling split
+    assert plan("basic", "auto") == plan("oracle", "auto") == ("pe", 196, 0)
+
+
+def test_oracle_plans_charge_no_read_queue() -> None:
+    """Oracle skips every read, so a second plan in the pass sees the queues as the first did."""
+    table = Snapshot(pe=[pe("p0", 0, node="p")], de={"g": [de("d", 0, 0, 10_000, "g")]})
+    queue = [req(1, 700, cached=640), req(2, 700, cached=640)]
+    dual = pipeline("dualpath").place(queue, table).admitted
+    oracle = pipeline("oracle").place(queue, table).admitted
+    assert [d.plan.kind for d in dual] == ["pe", "de"]
+    assert [d.plan.kind for d in oracle] == ["pe", "pe"]

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from dualpath_sdk.config import Mode, SchedulerConfig
-from dualpath_sdk.scheduler import EngineReport, Request, Thresholds, choose_de_group, choose_pe
+from dualpath_sdk.scheduler import (
+    EngineReport,
+    Pass,
+    Pipeline,
+    Request,
+    Thresholds,
+    choose_de_group,
+    choose_pe,
+)
+from dualpath_sdk.sim.candidates import SimReports
 from dualpath_sdk.sim.cluster import Simulation
 from dualpath_sdk.sim.core import KV, MODEL, EventLoop, Job, Link
 from dualpath_sdk.sim.presets import PRESETS, Hardware, Model, Preset
@@ -242,9 +253,31 @@ def test_ranking_candidates_give_the_full_choice(seed: int) -> None:
     assert [g for _, g in choose_de_group(queue, few)] == [g for _, g in choose_de_group(queue, groups)]
 
 
+class CheckedPipeline:
+    """The simulator's pipeline, each pass also run on the full reports: both must decide alike."""
+
+    def __init__(self, pipeline: Pipeline, reports: SimReports) -> None:
+        self.pipeline = pipeline
+        self.full = copy.copy(reports)  # the same engines and queues, shown unnarrowed
+        self.full.narrow = False
+        self.narrowed_pes = self.narrowed_groups = 0  # passes that were shown less than everything
+        self.waited = 0  # the longest group queue a pass met: requests that waited for DE memory
+
+    def place(self, queue: Sequence[Request], reports: SimReports, changed: Iterable[Hashable]) -> Pass:
+        changed = list(changed)
+        self.waited = max(self.waited, *(len(n.de_queue) for n in reports.de_nodes))
+        fast = self.pipeline.place(queue, reports, changed)
+        assert fast == self.pipeline.place(queue, self.full, changed)
+        if queue and fast.fetched:
+            self.narrowed_pes += len(reports.pes()) < len(self.full.pes())
+            k = len(fast.fetched)
+            self.narrowed_groups += len(reports.group_loads(k)) < len(self.full.group_loads(k))
+        return fast
+
+
 @pytest.mark.parametrize(("mode", "hbm"), [("dualpath", 80e9), ("oracle", 80e9), ("dualpath", 32e9)])
 def test_simulator_fast_paths_agree_with_full_reports(mode: Mode, hbm: float) -> None:
-    """A 2P4D run that checks every pass against the scheduler fed everything (asserts inside).
+    """A 2P4D run whose every pass is checked against the pipeline shown every report.
 
     With 32 GB of HBM the DE groups run out of KV memory and requests wait in their queues (level 2).
     """
@@ -252,11 +285,23 @@ def test_simulator_fast_paths_agree_with_full_reports(mode: Mode, hbm: float) ->
     traj = Trajectories(traj.first_prompt, traj.append[:, :8], traj.gen[:, :8])
     preset = PRESETS["ds660b-2p4d"]
     preset = replace(preset, hardware=replace(preset.hardware, hbm_bytes=hbm))
-    sim = Simulation(preset, mode, traj, np.zeros(96), check_fast_paths=True)
+    sim = Simulation(preset, mode, traj, np.zeros(96))
+    checked = CheckedPipeline(sim.pipeline, sim.reports)
+    sim.pipeline = checked  # type: ignore[assignment]
     m = sim.run()
     assert m.agents_done == 96
     # The fast paths did hand over less than everything (else this checks nothing).
-    assert sim.narrowed > 0
+    assert checked.narrowed_pes > 0 and checked.narrowed_groups > 0
+    assert (checked.waited > 0) == (hbm < 80e9)
+
+
+def test_a_call_bigger_than_a_decode_engine_is_an_error() -> None:
+    """An idle DE is handed a call too big for its memory, so a cluster's DE refuses it; the simulator
+    has no refusal to model, so the run stops there instead of stalling the group's queue."""
+    hw = replace(TINY_HW, hbm_bytes=1e9 + 10e9 + 700 * 1000)  # 700 tokens of KV memory per DE
+    sim = Simulation(Preset("tiny", TINY, 1, 1, hardware=hw), "dualpath", one_agent(), np.zeros(1))
+    with pytest.raises(ValueError, match="708 tokens exceeds"):  # call 1: 706 prompt + 2 generated
+        sim.run()
 
 
 def test_split_reads_shorten_the_kv_read_at_low_load() -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from dualpath_sdk.config import Mode, SchedulerConfig
+from dualpath_sdk.config import Mode, ReadPlanChoice, SchedulerConfig
 from dualpath_sdk.scheduler.batching import AttentionModel, Chunk, PrefillWork, pack_quota
-from dualpath_sdk.scheduler.de import G, choose_de, choose_de_group
-from dualpath_sdk.scheduler.pe import choose_pe
-from dualpath_sdk.scheduler.read_plan import ReadPlan, pe_only, shorter_queue, split_read
+from dualpath_sdk.scheduler.de_choice import G, choose_de, choose_de_group
+from dualpath_sdk.scheduler.pe_choice import choose_pe
+from dualpath_sdk.scheduler.read_plan import ReadPlan, de_only, pe_only, shorter_queue, split_read
 from dualpath_sdk.scheduler.reports import EngineReport, Placement, Request, Thresholds
 
 
@@ -19,7 +19,8 @@ class Scheduler:
       sides when `config.split_reads`; layer-wise prefill.
     - "basic": the paper's baseline: round-robin PE and DE choice (still skipping engines over beta or
       without memory), PE-side reads only, no layer-wise prefill.
-    - "oracle": dualpath's decisions; the executor skips all reads and KV transfers (`skips_io`).
+    - "oracle": dualpath's PE and DE choice; the executor skips all reads and KV transfers (`skips_io`),
+      so its read plan is basic's: the PE side is told every block, and reads none.
     The only state is the round-robin cursors of "basic".
     """
 
@@ -97,15 +98,25 @@ class Scheduler:
         pe_rate: float,
         de_rate: float,
         cached_tokens: int | None = None,
+        choice: ReadPlanChoice = "auto",
     ) -> ReadPlan:
         """Read side for one request whose PE and DE are chosen; queues in tokens, rates in tokens/s.
-        `cached_tokens`: what the blocks hold when the last one is partial (default: whole blocks)."""
-        if self.mode == "basic":
+        `cached_tokens`: what the blocks hold when the last one is partial (default: whole blocks).
+        `choice` is the step's: "auto" leaves it to the mode; "pe" and "de" force one side; "split"
+        forces both (halves when the queues would give one side everything) in dualpath."""
+        if self.mode != "dualpath" or choice == "pe":
             return pe_only(cached_blocks)
+        if choice == "de":
+            return de_only(cached_blocks)
+        args = (cached_blocks, block_tokens, pe_read_q, de_read_q, pe_rate, de_rate, cached_tokens)
+        if choice == "split":
+            plan = split_read(*args)
+            if plan.kind != "split" and cached_blocks >= 2:
+                half = cached_blocks // 2
+                plan = ReadPlan("split", half, cached_blocks - half)
+            return plan
         if self.config.split_reads:
-            return split_read(
-                cached_blocks, block_tokens, pe_read_q, de_read_q, pe_rate, de_rate, cached_tokens
-            )
+            return split_read(*args)
         return shorter_queue(cached_blocks, pe_read_q, de_read_q)
 
     def batch_prefill(self, queue: Iterable[PrefillWork]) -> list[Chunk]:

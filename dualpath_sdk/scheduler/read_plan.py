@@ -29,6 +29,11 @@ def pe_only(cached_blocks: int) -> ReadPlan:
     return _one_side(cached_blocks, True) if cached_blocks > 0 else NO_READ
 
 
+def de_only(cached_blocks: int) -> ReadPlan:
+    """The DE node's SNIC reads everything (a step may ask for it)."""
+    return _one_side(cached_blocks, False) if cached_blocks > 0 else NO_READ
+
+
 def shorter_queue(cached_blocks: int, pe_read_q: float, de_read_q: float) -> ReadPlan:
     """The paper's rule: the side whose node has the shorter read queue reads everything (ties: PE)."""
     if cached_blocks <= 0:

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
+
+from dualpath_sdk.config import ReadPlanChoice
 
 Role = Literal["pe", "de"]
 """An engine's role: prefill (PE) or decode (DE)."""
 
 
-@dataclass(frozen=True, slots=True)
-class EngineReport:
+class EngineReport(NamedTuple):
     """One engine's load as its group leader reports it.
 
     `read_q` is the storage read queue (tokens) of the engine's node: engines on one node share one SNIC.
     `free_tokens` is the KV memory the engine can still hand out (decode engines reserve it per request).
+    A NamedTuple, as the pipeline's records are: a pass is handed many, and they cost what a tuple costs.
     """
 
     engine_id: Hashable
@@ -34,13 +36,15 @@ class EngineReport:
 class Request:
     """A request as the scheduler needs it: len(r) = `tokens`, of which `cached_tokens` are in storage.
 
-    `decode_tokens` is the generation budget a decode engine must reserve memory for on top of the prompt.
+    `decode_tokens` is the generation budget a decode engine must reserve memory for on top of the prompt;
+    `read_plan` is the side the step asks to read on ("auto": the scheduler's choice).
     """
 
     request_id: Hashable
     tokens: int
     cached_tokens: int = 0
     decode_tokens: int = 0
+    read_plan: ReadPlanChoice = "auto"
 
     @property
     def new_tokens(self) -> int:
@@ -51,8 +55,7 @@ class Request:
         return self.tokens + self.decode_tokens
 
 
-@dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(NamedTuple):
     """The decision "request goes to engine"."""
 
     request: Request

@@ -3,64 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
 from dualpath_sdk.config import Mode, SchedulerConfig
 from dualpath_sdk.sim.cluster import Simulation
+from dualpath_sdk.sim.metrics import summary
 from dualpath_sdk.sim.presets import Preset
 from dualpath_sdk.sim.workload import SHAPES, generate
 
 TTFT_SLO_S = 4.0
 TPOT_SLO_S = 0.050
-
-
-def _link_utilisation(sim: Simulation, span: float) -> dict[str, float]:
-    """Busiest link of each kind (role.link), as carried bytes over capacity x span."""
-    util: dict[str, float] = defaultdict(float)
-
-    def note(key: str, carried: float, cap: float) -> None:
-        util[key] = max(util[key], carried / (cap * span))
-
-    for node in sim.nodes:
-        note(f"{node.role}.snic", sum(node.snic.carried), node.snic.capacity)
-        note(f"{node.role}.dram", sum(node.dram.carried), node.dram.capacity)
-    for role, engines in (("pe", sim.pes), ("de", sim.des)):
-        for e in engines:
-            note(f"{role}.cnic_in", sum(e.cnic_in.carried), e.cnic_in.capacity)
-            note(f"{role}.cnic_out", sum(e.cnic_out.carried), e.cnic_out.capacity)
-    return {k: round(v, 3) for k, v in sorted(util.items())}
-
-
-def _summary(sim: Simulation, wall: float, span: float, window: np.ndarray) -> dict[str, Any]:
-    m = sim.metrics
-    ttft = np.frombuffer(m.ttft)[window]
-    tpot = np.frombuffer(m.tpot)[window]
-    read_s = np.frombuffer(m.read)[window]
-    read = m.read_tokens_pe + m.read_tokens_de
-    pe_snic = [sum(n.snic.carried) for n in sim.nodes if n.role == "pe"]
-    de_snic = [sum(n.snic.carried) for n in sim.nodes if n.role == "de"]
-    cap = sim.nodes[0].snic.capacity * span
-    return {
-        "requests": len(m.ttft),
-        "agents_done": m.agents_done,
-        "span_s": round(span, 2),
-        "ttft_s": round(float(ttft.mean()), 3) if ttft.size else None,
-        "tpot_ms": round(float(tpot.mean()) * 1e3, 2) if tpot.size else None,
-        "ttft_p90_s": round(float(np.percentile(ttft, 90)), 3) if ttft.size else None,
-        "tpot_p90_ms": round(float(np.percentile(tpot, 90)) * 1e3, 2) if tpot.size else None,
-        "read_s": round(float(read_s.mean()), 3) if read_s.size else None,
-        "plans": dict(m.plans),
-        "read_share_de": round(m.read_tokens_de / read, 3) if read else 0.0,
-        "snic_util_pe": round(float(np.mean(pe_snic)) / cap, 3),
-        "snic_util_de": round(float(np.mean(de_snic)) / cap, 3),
-        "link_util_max": _link_utilisation(sim, span),
-        "events": sim.loop.events,
-        "wall_s": round(wall, 2),
-        "events_per_s": round(sim.loop.events / wall),
-    }
 
 
 def offline(
@@ -78,7 +32,7 @@ def offline(
         "agents": agents,
         "jct_s": round(m.last_done, 2),
     }
-    out.update(_summary(sim, wall, m.last_done, np.ones(len(m.ttft), dtype=bool)))
+    out.update(summary(sim, wall, m.last_done, np.ones(len(m.ttft), dtype=bool)))
     return out
 
 
@@ -105,7 +59,7 @@ def online(
     arrival = np.frombuffer(m.arrival)
     window = (arrival >= horizon_s / 3) & (arrival < horizon_s)
     out: dict[str, Any] = {"preset": preset.name, "mode": mode, "rate": rate}
-    out.update(_summary(sim, wall, horizon_s, window))
+    out.update(summary(sim, wall, horizon_s, window))
     out["within_slo"] = bool(
         out["ttft_s"] is not None and out["ttft_s"] <= TTFT_SLO_S and out["tpot_ms"] <= TPOT_SLO_S * 1e3
     )
