@@ -7,6 +7,7 @@ included), which the runner prints as the last line, one line of JSON.
 
 BENCHMARKS = {
     "engine": "our engine beside HF transformers: prefill and decode tokens/s",
+    "attention": "paged attention (csrc/ kernel, torch) beside the gather path: decode TPOT, prefill, TTFT",
     "store": "fs block reads/writes beside the raw device; the storage-NIC limiter's accuracy",
     "transfer": "local and mooncake transports beside a memcpy and a plain socket of the same bytes",
     "cluster": "basic, dualpath, split reads and oracle clusters on storage-bound agent workloads",

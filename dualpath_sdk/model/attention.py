@@ -1,19 +1,35 @@
 """Attention over a paged KV tensor for a ragged batch (prefill chunks and decode steps mixed).
 
 The batch metadata is built once per forward and shared by every layer: where each new token's
-K/V goes (slot mapping), which blocks each sequence attends to (block tables), and the mask.
-Keys past a sequence's length (the unused tail of its last block, padding blocks) are masked out;
-they must still be finite numbers (0 x NaN is NaN), which is why KV memory starts zeroed.
-On CPU this runs torch SDPA; `attention` is the seam where a flashinfer paged kernel plugs in on CUDA.
+K/V goes (slot mapping), which blocks each sequence attends to (block tables), each sequence's
+positions. `attention` stores the new K/V, then hands the layer to the backend chosen for the KV's
+device, behind one interface (`AttentionBackend`): on CPU the csrc/ paged kernel (model/kernel.py)
+or, where it cannot be built, torch's paged path (model/paged.py), both reading K/V in place from
+the blocks; `gather` (model/gather.py) is the path they replaced, kept as the baseline the
+benchmark measures them against. On CUDA, `gather` runs until a flashinfer backend (paged
+prefill and decode over the same block tables) registers here.
+
+`DUALPATH_ATTENTION` (auto | kernel | paged | gather) forces one; it is an environment variable,
+not an EngineConfig field, because the choice belongs to a process and its device (every engine
+process inherits it) and no engine code has to carry it. Keys past a sequence's length (the unused
+tail of its last block) are never read by the paged paths; `gather` masks them, which is why KV
+memory starts zeroed (0 x NaN is NaN).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
+
+T = TypeVar("T")
+CHOICES = ("auto", "kernel", "paged", "gather")
+ENV = "DUALPATH_ATTENTION"
 
 
 @dataclass(frozen=True)
@@ -27,65 +43,61 @@ class SeqSlice:
 
 @dataclass
 class AttentionBatch:
+    seqs: tuple[SeqSlice, ...]
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] flat slot of each new token in a layer's KV
-    block_tables: (
-        torch.Tensor
-    )  # [B, max blocks] each sequence's blocks (padded): attention gathers whole blocks
-    q_index: torch.Tensor | None  # [T] row in the padded [B * Qmax] query layout; None when B == 1
+    block_tables: torch.Tensor  # [B, max blocks] each sequence's blocks (padded with its first)
+    q_offsets: torch.Tensor  # [B] each sequence's first row among the T new tokens
     starts: torch.Tensor  # [B]
     q_lens: torch.Tensor  # [B]
-    kv_lens: torch.Tensor  # [B]
     max_q: int
     block_size: int
     cos: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     sin: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+    _plans: dict[Any, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, seqs: Sequence[SeqSlice], block_size: int) -> AttentionBatch:
-        slots, tables, positions, q_index = [], [], [], []
-        max_q = max(s.new for s in seqs)
+        slots, tables, positions = [], [], []
         max_blocks = max(-(-(s.start + s.new) // block_size) for s in seqs)
-        for b, s in enumerate(seqs):
+        for s in seqs:
             used = -(-(s.start + s.new) // block_size)
             table = torch.as_tensor(list(s.block_table[:used]), dtype=torch.long)
             pos = torch.arange(s.start, s.start + s.new)
             slots.append(table[pos // block_size] * block_size + pos % block_size)
-            tables.append(F.pad(table, (0, max_blocks - used), value=int(table[0])))  # padding: masked out
+            tables.append(F.pad(table, (0, max_blocks - used), value=int(table[0])))
             positions.append(pos)
-            q_index.append(torch.arange(s.new) + b * max_q)
+        q_lens = torch.tensor([s.new for s in seqs])
         return cls(
+            seqs=tuple(SeqSlice(s.start, s.new, list(s.block_table)) for s in seqs),
             positions=torch.cat(positions),
             slot_mapping=torch.cat(slots),
             block_tables=torch.stack(tables),
-            q_index=torch.cat(q_index) if len(seqs) > 1 else None,
+            q_offsets=q_lens.cumsum(0) - q_lens,
             starts=torch.tensor([s.start for s in seqs]),
-            q_lens=torch.tensor([s.new for s in seqs]),
-            kv_lens=torch.tensor([s.start + s.new for s in seqs]),
-            max_q=max_q,
+            q_lens=q_lens,
+            max_q=int(q_lens.max()),
             block_size=block_size,
         )
 
-    def mask(self, window: int | None) -> torch.Tensor | None:
-        """Boolean `[B, 1, Qmax, L]` (True = attend), or None where plain causal SDPA is exact."""
-        if window not in self._masks:
-            self._masks[window] = self._build_mask(window)
-        return self._masks[window]
+    def cached(self, key: Any, make: Callable[[], T]) -> T:
+        """What a backend derives from this batch once per forward and reuses in every layer."""
+        if key not in self._plans:
+            self._plans[key] = make()
+        return self._plans[key]
 
-    def _build_mask(self, window: int | None) -> torch.Tensor | None:
-        batch, max_blocks = self.block_tables.shape
-        max_kv = max_blocks * self.block_size
-        if (window is None or window >= max_kv) and batch == 1 and int(self.starts[0]) == 0:
-            return None  # one sequence from position 0: plain causal (keys past the prompt stay unseen)
-        q_pos = self.starts[:, None] + torch.arange(self.max_q)[None, :]  # [B, Qmax]
-        k_pos = torch.arange(max_kv)
-        allowed = k_pos[None, None, :] <= q_pos[:, :, None]
-        if window is not None:
-            allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
-        # padded query rows attend to key 0 so no row is empty (their output is discarded)
-        allowed[:, :, 0] |= torch.arange(self.max_q)[None, :] >= self.q_lens[:, None]
-        return allowed[:, None]
+
+class AttentionBackend(Protocol):
+    """One way to attend over the paged KV of one layer."""
+
+    name: str
+
+    def attend(
+        self, q: torch.Tensor, kv: torch.Tensor, batch: AttentionBatch, window: int | None
+    ) -> torch.Tensor:
+        """`q` `[T, heads, D]` against `kv` (the layer's blocks, already holding the new tokens'
+        K/V) -> `[T, heads, D]`. `window`: keys a query sees, itself included (None: all before it)."""
+        ...
 
 
 def attention(
@@ -97,31 +109,60 @@ def attention(
     window: int | None,
 ) -> torch.Tensor:
     """Store the new `k`/`v` (`[T, kv_heads, D]`) in `kv`, then attend; returns `[T, heads, D]`."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
     slots = kv.view(-1, *kv.shape[2:])  # [num_blocks * block_size, 2, kv_heads, D]
     slots[batch.slot_mapping] = torch.stack([k, v], dim=1)
-    n_seq, max_blocks = batch.block_tables.shape
-    # whole blocks, with index_select: one memcpy per block (advanced indexing copies ~7x slower)
-    context = kv.index_select(0, batch.block_tables.flatten()).view(
-        n_seq, max_blocks * kv.shape[1], *kv.shape[2:]
-    )
-    keys = context[:, :, 0].transpose(1, 2)
-    values = context[:, :, 1].transpose(1, 2)
-    if batch.q_index is None:
-        queries = q.unsqueeze(0)
-    else:
-        queries = q.new_zeros(n_seq * batch.max_q, num_heads, head_dim)
-        queries[batch.q_index] = q
-        queries = queries.view(n_seq, batch.max_q, num_heads, head_dim)
-    mask = batch.mask(window)
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2),
-        keys,
-        values,
-        attn_mask=mask,
-        is_causal=mask is None and batch.max_q > 1,
-        enable_gqa=True,
-    ).transpose(1, 2)
-    if batch.q_index is None:
-        return out[0]
-    return out.reshape(n_seq * batch.max_q, num_heads, head_dim)[batch.q_index]
+    return backend_for(kv.device).attend(q, kv, batch, window)
+
+
+_forced: list[str] = []
+_backends: dict[tuple[str, str], AttentionBackend] = {}
+
+
+def choice() -> str:
+    """The backend asked for: `force_backend`'s, else `DUALPATH_ATTENTION`'s, else auto."""
+    name = _forced[-1] if _forced else os.environ.get(ENV, "auto")
+    if name not in CHOICES:
+        raise ValueError(f"{ENV}={name!r}: expected one of {', '.join(CHOICES)}")
+    return name
+
+
+@contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Run attention on backend `name` inside the block (benchmarks and tests compare them)."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown attention backend {name!r}: expected one of {', '.join(CHOICES)}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def backend_for(device: torch.device) -> AttentionBackend:
+    """The backend for `device` under the current choice, made once per (device type, choice)."""
+    key = (device.type, choice())
+    if key not in _backends:
+        _backends[key] = _make(*key)
+    return _backends[key]
+
+
+def _make(device_type: str, name: str) -> AttentionBackend:
+    from dualpath_sdk.model.gather import GatherAttention
+
+    if device_type != "cpu":
+        if name in ("auto", "gather"):
+            return GatherAttention()  # flashinfer's paged kernels plug in here for CUDA
+        raise ValueError(f"attention backend {name!r} runs on CPU only, not on {device_type}")
+    if name == "gather":
+        return GatherAttention()
+    from dualpath_sdk.model.kernel import KernelAttention, kernel_op
+    from dualpath_sdk.model.paged import PagedAttention
+
+    if name == "paged":
+        return PagedAttention()
+    op = kernel_op()
+    if op is None:
+        if name == "kernel":
+            raise RuntimeError(f"{ENV}=kernel, but the paged attention kernel is unavailable (see the log)")
+        return PagedAttention()
+    return KernelAttention(op, PagedAttention())
