@@ -47,7 +47,7 @@ PROMPT = list(range(100))  # one cached Full Block of 64 tokens, 36 new
 class ScriptedEngine:
     """The engine end of one control connection, played by the test."""
 
-    def __init__(self, controller: Controller, engine_id: str, role: Role) -> None:
+    def __init__(self, controller: Controller, engine_id: str, role: Role, prefill_tps: float = 0.0) -> None:
         self.engine_id = engine_id
         self.conn = Client(controller.address, authkey=AUTHKEY)
         self.conn.send(
@@ -61,6 +61,7 @@ class ScriptedEngine:
                 kv_bytes_per_token=1024,
                 buffer=BUFFER if role == "de" else None,
                 attention=AttentionModel(1e-6, 0.0, 0.0) if role == "pe" else None,
+                prefill_tps=prefill_tps,  # 0: no profile, no beta
             )
         )
         self.reported = 0
@@ -72,18 +73,16 @@ class ScriptedEngine:
         assert self.conn.poll(WAIT_S), f"{self.engine_id} got nothing"
         return self.conn.recv()
 
-    def report(self, controller: Controller, free_tokens: int = 10**6) -> None:
+    def report(self, controller: Controller, free_tokens: int = 10**6, seq: int = 0, tokens: int = 0) -> None:
         """Send a Report and wait until the controller has handled it: every message this engine
-        sent before it has been handled too (one thread reads one connection, in order)."""
+        sent before it has been handled too (one thread reads one connection, in order). Its tokens
+        are `tokens` plus the reports so far, so that each report says a figure of its own."""
         self.reported += 1
-        self.send(
-            Report(engine_id=self.engine_id, seq=0, tokens=self.reported, read_q=0, free_tokens=free_tokens)
-        )
+        sent = tokens + self.reported
+        self.send(Report(engine_id=self.engine_id, seq=seq, tokens=sent, read_q=0, free_tokens=free_tokens))
         registry = controller.metrics.registry
         deadline = time.monotonic() + WAIT_S
-        while (
-            registry.get_sample_value("dualpath_engine_tokens", {"engine": self.engine_id}) != self.reported
-        ):
+        while registry.get_sample_value("dualpath_engine_tokens", {"engine": self.engine_id}) != sent:
             assert time.monotonic() < deadline, f"the controller did not handle {self.engine_id}'s report"
             time.sleep(0.01)
 
@@ -228,6 +227,135 @@ def test_a_streaming_step_outlives_its_pe_and_a_placed_one_is_retried_when_its_d
     controller.close()
     assert isinstance(_get(events), EngineUnavailable)
     assert pe2.recv() is None  # the goodbye
+
+
+BIG = list(range(200))  # 200 + 4 tokens of DE memory: more than a DE with 120 free has
+
+
+def _submit_queued(controller: Controller, prompt: list[int]) -> tuple[str, queue.Queue[Event]]:
+    return controller.submit(StepRequest(prompt, SamplingParams(max_tokens=4), "t", [b"k0"]))
+
+
+def _silent(engine: ScriptedEngine) -> bool:
+    return not engine.conn.poll(0.2)
+
+
+def test_a_step_no_de_has_memory_for_waits_in_its_group_and_one_behind_it_goes_to_another(
+    cluster: Any,
+) -> None:
+    controller, pe, de0 = cluster
+    de1 = ScriptedEngine(controller, "de1", "de")
+    controller.wait_for_engines(3, WAIT_S)
+    de0.report(controller, free_tokens=120, seq=1)  # busy: the fewest tokens, no memory for BIG
+    de1.report(controller, tokens=150)
+    big, big_events = _submit_queued(controller, BIG)
+    small, _ = _submit_queued(controller, PROMPT)
+    pe.fetch()  # one pass: both get pe0; BIG joins de0's group (2 tokens), then PROMPT de1's (151 < 202)
+    admit, prefill = de1.recv(), pe.recv()
+    assert isinstance(admit, Admit) and isinstance(prefill, Prefill)
+    assert (admit.req_id, prefill.req_id, prefill.de_engine) == (small, small, "de1")
+    assert _state(controller, small) is StepState.PLACED
+    with controller.lock:
+        step = controller.steps[big]
+        assert (step.state, step.pe, step.group, list(controller.machine.queue)) == (
+            StepState.WAITING_DE,
+            "pe0",
+            "node-de0",
+            [],
+        )
+    assert _silent(de0) and big_events.empty()
+
+    de0.report(controller, free_tokens=10**6, seq=1)  # memory freed: its group's head goes, on its PE
+    admit, prefill = de0.recv(), pe.recv()
+    assert (admit.req_id, prefill.req_id, prefill.de_engine) == (big, big, "de0")
+    assert _state(controller, big) is StepState.PLACED
+
+
+def test_a_cancelled_waiting_step_leaves_its_group_and_close_fails_the_waiting_ones(cluster: Any) -> None:
+    controller, pe, de = cluster
+    de.report(controller, free_tokens=120, seq=1)
+    big, big_events = _submit_queued(controller, BIG)
+    small, _ = _submit_queued(controller, PROMPT)
+    pe.fetch()
+    pe.report(controller)  # its Fetch handled
+    assert _silent(de)  # BIG heads the group's queue, PROMPT waits behind it
+    assert (_state(controller, big), _state(controller, small)) == (StepState.WAITING_DE,) * 2
+
+    controller.cancel(big)  # no engine was told of it: no Cancel, and PROMPT heads the queue now
+    admit, prefill = de.recv(), pe.recv()
+    assert (admit.req_id, prefill.req_id) == (small, small)
+    assert big not in controller.steps and big_events.empty()
+
+    late, late_events = _submit_queued(controller, PROMPT)
+    pe.fetch()
+    pe.report(controller)
+    assert _silent(de) and _state(controller, late) is StepState.WAITING_DE  # 16 tokens free now
+    controller.close()
+    assert isinstance(_get(late_events), EngineUnavailable)
+    assert controller.machine.groups == {}
+
+
+def test_a_waiting_step_goes_back_to_the_global_queue_when_its_pe_or_its_groups_last_de_dies(
+    cluster: Any,
+) -> None:
+    controller, pe, de = cluster
+    de.report(controller, free_tokens=120, seq=1)
+    big, events = _submit_queued(controller, BIG)
+    pe.fetch()
+    pe.report(controller)
+    assert _state(controller, big) is StepState.WAITING_DE
+
+    controller.engine_died("pe0")
+    with controller.lock:
+        step = controller.steps[big]
+        assert (step.state, step.pe, step.attempts, list(controller.machine.queue)) == (
+            StepState.QUEUED,
+            None,
+            0,
+            [step],
+        )
+    assert _silent(de)  # the DE never heard of it
+
+    pe2 = ScriptedEngine(controller, "pe0", "pe")  # pe0's respawn
+    controller.wait_for_engines(2, WAIT_S)
+    pe2.fetch()
+    pe2.report(controller, tokens=100)  # a figure pe0's first process never sent
+    assert _state(controller, big) is StepState.WAITING_DE
+    controller.engine_died("de0")  # its group has no DE left
+    assert _state(controller, big) is StepState.QUEUED
+    assert _silent(pe2) and not any(controller.machine.groups.values())
+
+    de2 = ScriptedEngine(controller, "de0", "de")  # de0's respawn, its memory free
+    controller.wait_for_engines(2, WAIT_S)
+    de2.report(controller)
+    admit, prefill = de2.recv(), pe2.recv()  # pe0 is still fetching: it was given no Prefill
+    assert (admit.req_id, prefill.req_id, prefill.de_engine) == (big, big, "de0")
+    assert events.empty() and _state(controller, big) is StepState.PLACED
+
+
+def test_a_pe_counts_its_steps_waiting_in_groups_against_beta() -> None:
+    config = ClusterConfig()
+    controller = Controller(AUTHKEY, config)
+    try:
+        pe = ScriptedEngine(controller, "pe0", "pe", prefill_tps=150 / config.scheduler.beta_s)  # beta 150
+        de = ScriptedEngine(controller, "de0", "de")
+        controller.wait_for_engines(2, WAIT_S)
+        de.report(controller, free_tokens=120, seq=1)
+        big, _ = _submit_queued(controller, BIG)
+        pe.fetch()
+        pe.report(controller)
+        assert _state(controller, big) is StepState.WAITING_DE
+        small, _ = _submit_queued(controller, PROMPT)  # pe0 holds BIG's 200 tokens: over beta
+        assert _state(controller, small) is StepState.QUEUED
+
+        de.report(controller, seq=1)  # BIG starts; pe0 has its Prefill and is not fetching
+        assert de.recv().req_id == big and pe.recv().req_id == big
+        pe.report(controller)
+        assert _state(controller, small) is StepState.QUEUED
+        pe.fetch()  # its figures say 0 tokens: under beta again
+        assert de.recv().req_id == small and pe.recv().req_id == small
+    finally:
+        controller.close()
 
 
 def test_a_send_never_waits_for_the_engine_to_read() -> None:

@@ -1,9 +1,9 @@
 """The controller: the cluster's side of the control channel and the caller's way in.
 
 It wires three parts, all run under its lock: the engines' connections (connections.py), the
-steps and the global queue they wait in (steps.py: a step's state machine, retries, outcomes),
-and placement through scheduler/ (placement.py). Queued steps are placed on every event that can
-make room or work for them: a submit, a retry, an engine's Hello, Report or Fetch.
+steps and the queues they wait in (steps.py: a step's state machine, retries, outcomes), and
+placement through scheduler's pipeline (placement.py). Waiting steps are placed on every event that
+can make room or work for them: a submit, a retry, a cancel, an engine's Hello, Report or Fetch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 from dualpath_sdk.cluster.connections import Connections, EngineLink
 from dualpath_sdk.cluster.metrics import Metrics
-from dualpath_sdk.cluster.placement import Placement
+from dualpath_sdk.cluster.placement import Placer
 from dualpath_sdk.cluster.steps import Event, StepMachine, StepOutcome, StepRequest
 from dualpath_sdk.config import ClusterConfig
 from dualpath_sdk.engine.messages import Fetch, Report
@@ -30,7 +30,7 @@ class Controller:
         self.lock = threading.RLock()
         self.engine_ready = threading.Condition(self.lock)
         self.metrics = Metrics()
-        self.placement = Placement(config)
+        self.placer = Placer(config)
         self.connections = Connections(authkey, self.lock, self._on_hello, self._on_message)
         self.address: tuple[str, int] = self.connections.address
         self.engines: dict[str, EngineLink] = self.connections.engines
@@ -103,7 +103,7 @@ class Controller:
     # ---- the engines' side (under self.lock) ----------------------------------------------------
 
     def _on_hello(self, engine: EngineLink) -> None:
-        self.placement.engine_joined(engine.hello)
+        self.placer.engine_joined(engine.hello)
         self.engine_ready.notify_all()
         self._dispatch()  # steps may be waiting for this engine (a respawned DE, say)
 
@@ -123,5 +123,4 @@ class Controller:
                 self.machine.on_message(message)
 
     def _dispatch(self) -> None:
-        for decision in self.placement.place(self.machine.queue, self.engines):
-            self.machine.start(decision.step, decision.pe, decision.de, decision.plan)
+        self.placer.place(self.machine, self.engines)

@@ -61,7 +61,10 @@ class Metrics:
             "dualpath_tpot_seconds", "Time per output token after the first", buckets=_SECONDS, registry=r
         )
         self.queue_wait = Histogram(
-            "dualpath_queue_seconds", "Time a step waited in the global queue", buckets=_SECONDS, registry=r
+            "dualpath_queue_seconds",
+            "Time a step waited for its engines: the global queue, then its DE group's",
+            buckets=_SECONDS,
+            registry=r,
         )
         self.engine_tokens = Gauge(
             "dualpath_engine_tokens",

@@ -1,125 +1,80 @@
-"""Placement: the global queue and the engines' figures in, decisions out (a step, its PE, its DE,
-its read plan), through the paper's scheduler. The caller starts each placed step on its engines.
+"""Placement: the engines' figures in, as the placement pipeline's reports (scheduler/pipeline.py, the
+simulator's too), and its pass out, as the steps' moves: into a DE group's queue, then started on their
+PE and DE with a read plan. The one place in cluster/ that speaks the scheduler's language.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Hashable, Mapping
+from dataclasses import replace
 
 from dualpath_sdk.cluster.connections import EngineLink
-from dualpath_sdk.cluster.steps import Step
-from dualpath_sdk.config import ClusterConfig, Mode
+from dualpath_sdk.cluster.steps import Step, StepMachine
+from dualpath_sdk.config import ClusterConfig
 from dualpath_sdk.engine.messages import Hello, Report
 from dualpath_sdk.scheduler import (
-    NO_READ,
     EngineReport,
-    ReadPlan,
+    Pipeline,
     Request,
     Scheduler,
+    Snapshot,
     Thresholds,
+    Waiting,
     derive_thresholds,
-    pe_only,
-    split_read,
 )
 
 
-@dataclass(frozen=True)
-class Decision:
-    """A step placed: its PE, its DE, and which side reads which of its cached blocks."""
-
-    step: Step
-    pe: str
-    de: str
-    plan: ReadPlan
-
-
-class Placement:
-    """Chooses where queued steps go, in global FIFO order, and counts each choice in the chosen
-    engines' figures until their next reports say it themselves."""
+class Placer:
+    """One pipeline pass per event that can make room or work: PE choice over the global queue for
+    fetching PEs, each placed step into its DE group's queue, every group's queue walked for its DEs,
+    then the read plans. Each start is counted in the chosen engines' figures until their next reports
+    say it themselves."""
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.block_size = config.engine.block_size
-        self.mode: Mode = config.mode
-        self.scheduler: Scheduler | None = None  # made when the first PE has profiled itself
+        self.pipeline: Pipeline | None = None  # made when the first PE has profiled itself
 
     def engine_joined(self, hello: Hello) -> None:
-        if self.scheduler is None and hello.attention is not None:
-            self.scheduler = Scheduler(
-                self.config.scheduler, Thresholds(math.inf, math.inf), hello.attention, self.mode
+        if self.pipeline is None and hello.attention is not None:
+            scheduler = Scheduler(
+                self.config.scheduler, Thresholds(math.inf, math.inf), hello.attention, self.config.mode
             )
+            # every node's SNIC has the configured rate, so a split read depends on the queues alone
+            self.pipeline = Pipeline(scheduler, self.block_size)
 
-    def place(self, queue: deque[Step], engines: Mapping[str, EngineLink]) -> list[Decision]:
-        """Take queued steps off the queue's head for fetching PEs: PE choice, then the DE group and
-        the DE in it, then the read plan. A step the scheduler cannot place (every fetching PE over
-        beta, no DE memory) stays at the head, for the next report."""
-        decisions: list[Decision] = []
-        while queue and self.scheduler is not None:
-            pes = [e for e in _alive(engines, "pe") if e.fetching]
-            des = [e for e in _alive(engines, "de") if e.report is not None]
-            if not pes or not des:
-                break
-            self.scheduler.thresholds = self._thresholds(engines)
-            step = queue[0]
-            request = self._request(step)
-            placed = self.scheduler.choose_pe([request], [_report(e, engines) for e in pes])
-            if not placed:
-                break
-            pe = engines[str(placed[0].engine_id)]
-            de = self._choose_de(request, des, engines)
-            if de is None:
-                break
-            queue.popleft()
-            plan = self._plan(step, pe, de, engines)
-            cached, split = request.cached_tokens, plan.pe_blocks
-            pe_tokens = min(split * self.block_size, cached)  # the DE side reads the blocks after split
-            _charge(pe, request.tokens, pe_tokens, 0)
-            _charge(de, request.tokens, cached - pe_tokens, request.de_memory_tokens)
-            pe.fetching = False
-            decisions.append(Decision(step=step, pe=pe.hello.engine_id, de=de.hello.engine_id, plan=plan))
-        return decisions
-
-    def _choose_de(
-        self, request: Request, des: list[EngineLink], engines: Mapping[str, EngineLink]
-    ) -> EngineLink | None:
-        """The DE group (node) with the fewest tokens, then the DE inside it (memory, Z slack)."""
-        assert self.scheduler is not None
-        groups: dict[str, list[EngineLink]] = {}
-        for e in des:
-            groups.setdefault(e.hello.node, []).append(e)
-        group_tok = {node: sum(_report(e, engines).tok_e for e in group) for node, group in groups.items()}
-        [(_, node)] = self.scheduler.choose_de_group([request], group_tok)
-        group = groups[node]
-        placed = self.scheduler.choose_de([request], [_report(e, engines) for e in group])
-        if placed:
-            return engines[str(placed[0].engine_id)]
-        if all(_report(e, engines).seq_e == 0 for e in group):
-            return group[0]  # bigger than an idle DE's memory: let the DE refuse it (ContextTooLong)
-        return None
-
-    def _plan(
-        self, step: Step, pe: EngineLink, de: EngineLink, engines: Mapping[str, EngineLink]
-    ) -> ReadPlan:
-        """The read side: forced per step, or the scheduler's (shorter queue, or split by drain rate)."""
-        assert self.scheduler is not None
-        cached = len(step.request.keys)  # blocks, the last one partial where the tokens end inside it
-        forced = step.request.plan
-        if self.mode != "dualpath" or forced == "pe":
-            return pe_only(cached)  # basic reads on the PE side only; oracle skips the reads it is given
-        if forced == "de":
-            return ReadPlan(kind="de", pe_blocks=0, de_blocks=cached) if cached else NO_READ
-        # every node's SNIC has the configured rate, so the split depends on the queues alone
-        args = (cached, self.block_size, _node_read_q(pe, engines), _node_read_q(de, engines), 1.0, 1.0)
-        tokens = step.request.prefix_tokens(self.block_size)
-        if forced == "auto":
-            return self.scheduler.plan_read(*args, cached_tokens=tokens)
-        plan = split_read(*args, cached_tokens=tokens)
-        if plan.kind != "split" and cached >= 2:  # forced: both sides read, whatever the queues say
-            plan = ReadPlan(kind="split", pe_blocks=cached // 2, de_blocks=cached - cached // 2)
-        return plan
+    def place(self, machine: StepMachine, engines: Mapping[str, EngineLink]) -> None:
+        """Move the global queue's head into DE groups' queues, and start what the groups' DEs take."""
+        pipeline = self.pipeline
+        if pipeline is None or not (machine.queue or any(machine.groups.values())):
+            return
+        read_q = _read_queues(engines)
+        de: dict[Hashable, list[EngineReport]] = {}
+        for e in _alive(engines, "de"):
+            if e.report is not None:
+                de.setdefault(e.hello.node, []).append(_report(e, e.report, read_q))
+        queues: dict[Hashable, list[Waiting]] = {
+            group: [self._waiting(s, engines) for s in waiting] for group, waiting in machine.groups.items()
+        }
+        pes = [self._pe_report(e, machine, read_q) for e in _alive(engines, "pe") if e.fetching]
+        scheduler = pipeline.scheduler
+        scheduler.thresholds = self._thresholds(engines)
+        done = pipeline.place(
+            [self._request(s) for s in machine.queue] if pes else [],  # no PE fetching: the groups only
+            Snapshot(pe=pes, de=de, queues=queues, nodes=read_q),
+            changed=list(de),
+        )
+        for w in done.fetched:
+            machine.wait_in_group(machine.queue[0], str(w.pe), str(w.group))
+        reads = not scheduler.skips_io  # oracle is told its blocks and reads none
+        for d in done.admitted:
+            pe, chosen = engines[str(d.pe)], engines[str(d.de)]
+            tokens = d.request.tokens
+            _charge(pe, tokens, d.pe_tokens if reads else 0, 0)
+            _charge(chosen, tokens, d.de_tokens if reads else 0, d.request.de_memory_tokens)
+            pe.fetching = False  # the Prefill answers its Fetch
+            machine.start(machine.steps[str(d.request.request_id)], chosen.hello.engine_id, d.plan)
 
     # ---- what the scheduler sees ----------------------------------------------------------------
 
@@ -130,7 +85,21 @@ class Placement:
             tokens=len(r.token_ids),
             cached_tokens=r.prefix_tokens(self.block_size),
             decode_tokens=r.params.max_tokens,
+            read_plan=r.plan,
         )
+
+    def _waiting(self, step: Step, engines: Mapping[str, EngineLink]) -> Waiting:
+        assert step.pe is not None and step.group is not None
+        return Waiting(self._request(step), step.pe, engines[step.pe].hello.node, step.group)
+
+    def _pe_report(
+        self, engine: EngineLink, machine: StepMachine, read_q: Mapping[Hashable, int]
+    ) -> EngineReport:
+        """The PE's figures with its steps that wait in DE groups' queues: chosen, not yet told."""
+        r = engine.report or _no_report(engine)
+        mine = [s for q in machine.groups.values() for s in q if s.pe == engine.hello.engine_id]
+        r = replace(r, seq=r.seq + len(mine), tokens=r.tokens + sum(len(s.request.token_ids) for s in mine))
+        return _report(engine, r, read_q)
 
     def _snic_tps(self, engines: Mapping[str, EngineLink]) -> float:
         """Tokens/s one storage NIC reads: the configured cap, else the fastest rate measured so far."""
@@ -151,8 +120,16 @@ def _alive(engines: Mapping[str, EngineLink], role: str) -> list[EngineLink]:
     return [e for e in engines.values() if e.alive and e.hello.role == role]
 
 
-def _report(engine: EngineLink, engines: Mapping[str, EngineLink]) -> EngineReport:
-    r = engine.report or _no_report(engine)
+def _read_queues(engines: Mapping[str, EngineLink]) -> dict[Hashable, int]:
+    """Engines of one node share its storage NIC, so its read queue is theirs together."""
+    read_q: dict[Hashable, int] = {}
+    for e in engines.values():
+        if e.alive:
+            read_q[e.hello.node] = read_q.get(e.hello.node, 0) + (e.report.read_q if e.report else 0)
+    return read_q
+
+
+def _report(engine: EngineLink, r: Report, read_q: Mapping[Hashable, int]) -> EngineReport:
     h = engine.hello
     return EngineReport(
         engine_id=h.engine_id,
@@ -160,7 +137,7 @@ def _report(engine: EngineLink, engines: Mapping[str, EngineLink]) -> EngineRepo
         role=h.role,
         seq_e=r.seq,
         tok_e=r.tokens,
-        read_q=_node_read_q(engine, engines),
+        read_q=read_q.get(h.node, 0),
         free_tokens=r.free_tokens,
     )
 
@@ -169,15 +146,8 @@ def _no_report(engine: EngineLink) -> Report:
     return Report(engine_id=engine.hello.engine_id, seq=0, tokens=0, read_q=0)
 
 
-def _node_read_q(engine: EngineLink, engines: Mapping[str, EngineLink]) -> int:
-    """Engines of one node share its storage NIC, so its read queue is theirs together."""
-    node = engine.hello.node
-    same = [e for e in engines.values() if e.alive and e.hello.node == node]
-    return sum(e.report.read_q for e in same if e.report is not None)
-
-
 def _charge(engine: EngineLink, tokens: int, reads: int, memory: int) -> None:
-    """Count a placement in the engine's figures until its next report says it itself."""
+    """Count a start in the engine's figures until its next report says it itself."""
     r = engine.report or _no_report(engine)
     engine.report = replace(
         r,

@@ -1,13 +1,16 @@
 """The state machine of one step across a PE and a DE, its retries and its outcome.
 
-    QUEUED --placed: Admit to the DE, Prefill to the PE--> PLACED
+    QUEUED --its PE chosen, its DE group (node) too--> WAITING_DE (in the group's queue)
+    WAITING_DE --a DE of the group has memory for it: Admit to the DE, Prefill to the PE--> PLACED
     PLACED --Admitted (the DE read its blocks): DeSlots to the PE--> DE_READY
     DE_READY --Prefilled (the first token): Decode to the DE--> PREFILLED
     PREFILLED, DECODING --Tokens--> DECODING
     PREFILLED, DECODING --Finished--> DONE (the outcome)
 
+A waiting step's engines have not been told of it: its PE's death, or its group's last DE's, puts it
+back at the head of the global queue (QUEUED), no attempt lost.
 A step whose engine dies, or whose transfer fails, before any token reached the caller is queued
-again (QUEUED) for healthy engines, up to MAX_ATTEMPTS; otherwise the caller gets
+again (QUEUED, at the head) for healthy engines, up to MAX_ATTEMPTS; otherwise the caller gets
 EngineUnavailable. Any other error an engine reports (bad input, a context too long for its memory,
 the store) reaches the caller at once, as its own class: the engine goes on serving every other
 request. Messages find their step by req_id, which a retry keeps: one in a state its handler does
@@ -90,6 +93,7 @@ Event = list[int] | StepOutcome | DualPathError  # tokens as they come, then how
 
 class StepState(enum.Enum):
     QUEUED = "queued"  # in the global queue: no engine holds it
+    WAITING_DE = "waiting-de"  # its PE chosen, in its DE group's queue until a DE there has memory
     PLACED = "placed"  # its DE reads its DE-side blocks, its PE its PE-side ones
     DE_READY = "de-ready"  # the DE's blocks are in its buffer and the PE knows where
     PREFILLED = "prefilled"  # the first token reached the caller; the DE was told to decode
@@ -111,6 +115,7 @@ class Step:
     attempts: int = 0
     pe: str | None = None  # where it is placed; None while QUEUED
     de: str | None = None
+    group: str | None = None  # its DE group (a node) while WAITING_DE
     plan: PlanKind = "none"
     dispatched: float = 0.0
     de_read_s: float = 0.0
@@ -127,8 +132,9 @@ class Step:
 
 
 class StepMachine:
-    """Every unfinished step and the global queue they wait in, moved on by the engines' messages.
-    It runs under the controller's lock; `dispatch` places queued steps (the controller's)."""
+    """Every unfinished step, the global queue and the DE groups' queues they wait in, moved on by the
+    engines' messages. It runs under the controller's lock; `dispatch` places waiting steps (the
+    controller's)."""
 
     def __init__(
         self, config: ClusterConfig, connections: Connections, metrics: Metrics, dispatch: Callable[[], None]
@@ -140,6 +146,7 @@ class StepMachine:
         self._dispatch = dispatch
         self.steps: dict[str, Step] = {}
         self.queue: deque[Step] = deque()
+        self.groups: dict[str, deque[Step]] = {}  # DE group (node) -> its queue, oldest first
         self.closed = False
         self._ids = itertools.count()
         # each message type: the states it is expected in, and its handler
@@ -159,10 +166,21 @@ class StepMachine:
         self.queue.append(step)
         return step
 
-    def start(self, step: Step, pe: str, de: str, plan: ReadPlan) -> None:
-        """Placement chose the step's PE, DE and read plan (and took it off the queue)."""
-        assert step.state is StepState.QUEUED
-        step.state, step.pe, step.de, step.dispatched = StepState.PLACED, pe, de, time.perf_counter()
+    def wait_in_group(self, step: Step, pe: str, group: str) -> None:
+        """Placement chose the global queue's head's PE and DE group: it waits in the group's queue."""
+        assert step.state is StepState.QUEUED and self.queue[0] is step
+        self.queue.popleft()
+        step.state, step.pe, step.group = StepState.WAITING_DE, pe, group
+        self.groups.setdefault(group, deque()).append(step)
+
+    def start(self, step: Step, de: str, plan: ReadPlan) -> None:
+        """Placement chose a DE of the group for the head of its queue, and the read plan."""
+        assert step.state is StepState.WAITING_DE and step.group is not None and step.pe is not None
+        waiting = self.groups[step.group]
+        assert waiting[0] is step
+        waiting.popleft()
+        pe = step.pe
+        step.state, step.de, step.group, step.dispatched = StepState.PLACED, de, None, time.perf_counter()
         step.plan = plan.kind
         request = step.request
         cached, split = request.prefix_tokens(self.block_size), plan.pe_blocks
@@ -198,8 +216,14 @@ class StepMachine:
             return
         if step.state is StepState.QUEUED:
             self.queue.remove(step)
+        waiting = step.group
+        if waiting is not None:
+            self.groups[waiting].remove(step)
         self._end(step)
-        self._cancel_on_engines(step)
+        if waiting is not None:
+            self._dispatch()  # no engine was told of it; the steps behind it in its group may fit now
+        else:
+            self._cancel_on_engines(step)
 
     def stop(self, req_id: str) -> None:
         """End a streaming step as finished on a stop the caller found: the engines drop it."""
@@ -210,14 +234,25 @@ class StepMachine:
         self._finish(step, Finished(req_id=req_id, reason="stop", persisted=0))
 
     def engine_died(self, engine_id: str) -> None:
+        """Its waiting steps go back first, so that no pass starts one on the dead engine."""
+        nodes = {e.hello.node for e in self.connections.alive("de")}  # a group with no DE left: all back
+        back = [s for g, q in self.groups.items() for s in q if s.pe == engine_id or g not in nodes]
+        for step in back:
+            assert step.group is not None
+            self.groups[step.group].remove(step)
+            step.state, step.pe, step.group = StepState.QUEUED, None, None
+        self.queue.extendleft(sorted(back, key=lambda s: s.submitted, reverse=True))
         for step in list(self.steps.values()):
             if step.needs(engine_id):
                 self._retry_or_fail(step, f"engine {engine_id} died")
+        if back:
+            self._dispatch()
 
     def close(self) -> None:
         """Fail every unfinished step at once: no retries from now on."""
         self.closed = True
         self.queue.clear()
+        self.groups.clear()
         for step in list(self.steps.values()):
             self._fail(step, EngineUnavailable("the cluster closed while the step ran"))
 
