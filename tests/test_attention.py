@@ -116,6 +116,17 @@ def test_paged_paths_match_the_reference_on_a_mixed_scattered_batch(
     torch.testing.assert_close(out, _reference(q, kv, seqs, window), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["gather", "paged", "kernel"])
+def test_a_one_token_prompt_attends_to_itself_only(name: str) -> None:
+    """Position 0, one query: the rest of its block is never attended to, whatever it holds."""
+    if name == "kernel":
+        _need_kernel()
+    seqs, kv, q, k, v = _mixed_batch(4, 2, 16, BLOCK, [(0, 1)], seed=5)  # the pool is random, not zero
+    with force_backend(name):
+        out = attention(q, k, v, kv, AttentionBatch.build(seqs, BLOCK), None)
+    torch.testing.assert_close(out, _reference(q, kv, seqs, None), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("window", [None, 33])
 def test_kernel_and_torch_fallback_agree_on_the_same_inputs(window: int | None) -> None:
     _need_kernel()

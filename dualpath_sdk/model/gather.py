@@ -41,7 +41,7 @@ class GatherAttention:
             keys,
             values,
             attn_mask=mask,
-            is_causal=mask is None and batch.max_q > 1,
+            is_causal=mask is None,  # top-left aligned: query i sees keys 0..i, one query key 0 only
             enable_gqa=True,
         ).transpose(1, 2)
         if q_index is None:
