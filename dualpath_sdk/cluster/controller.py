@@ -123,4 +123,4 @@ class Controller:
                 self.machine.on_message(message)
 
     def _dispatch(self) -> None:
-        self.placer.place(self.machine, self.engines)
+        self.placer.place(self.machine, self.connections)

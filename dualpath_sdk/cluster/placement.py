@@ -9,7 +9,7 @@ import math
 from collections.abc import Hashable, Mapping
 from dataclasses import replace
 
-from dualpath_sdk.cluster.connections import EngineLink
+from dualpath_sdk.cluster.connections import Connections, EngineLink
 from dualpath_sdk.cluster.steps import Step, StepMachine
 from dualpath_sdk.config import ClusterConfig
 from dualpath_sdk.engine.messages import Hello, Report
@@ -44,22 +44,23 @@ class Placer:
             # every node's SNIC has the configured rate, so a split read depends on the queues alone
             self.pipeline = Pipeline(scheduler, self.block_size)
 
-    def place(self, machine: StepMachine, engines: Mapping[str, EngineLink]) -> None:
+    def place(self, machine: StepMachine, connections: Connections) -> None:
         """Move the global queue's head into DE groups' queues, and start what the groups' DEs take."""
         pipeline = self.pipeline
         if pipeline is None or not (machine.queue or any(machine.groups.values())):
             return
+        engines = connections.engines
         read_q = _read_queues(engines)
         de: dict[Hashable, list[EngineReport]] = {}
-        for e in _alive(engines, "de"):
+        for e in connections.alive("de"):
             if e.report is not None:
                 de.setdefault(e.hello.node, []).append(_report(e, e.report, read_q))
         queues: dict[Hashable, list[Waiting]] = {
             group: [self._waiting(s, engines) for s in waiting] for group, waiting in machine.groups.items()
         }
-        pes = [self._pe_report(e, machine, read_q) for e in _alive(engines, "pe") if e.fetching]
+        pes = [self._pe_report(e, machine, read_q) for e in connections.alive("pe") if e.fetching]
         scheduler = pipeline.scheduler
-        scheduler.thresholds = self._thresholds(engines)
+        scheduler.thresholds = self._thresholds(connections)
         done = pipeline.place(
             [self._request(s) for s in machine.queue] if pes else [],  # no PE fetching: the groups only
             Snapshot(pe=pes, de=de, queues=queues, nodes=read_q),
@@ -109,15 +110,11 @@ class Placer:
         measured = [e.report.read_tps for e in engines.values() if e.report and e.report.read_tps > 0]
         return max(measured, default=math.inf)
 
-    def _thresholds(self, engines: Mapping[str, EngineLink]) -> Thresholds:
+    def _thresholds(self, connections: Connections) -> Thresholds:
         """alpha and beta from the measured storage rate and the PEs' profiled prefill rates."""
-        rates = [e.hello.prefill_tps for e in _alive(engines, "pe") if e.hello.prefill_tps > 0]
+        rates = [e.hello.prefill_tps for e in connections.alive("pe") if e.hello.prefill_tps > 0]
         prefill = sum(rates) / len(rates) if rates else math.inf
-        return derive_thresholds(self.config.scheduler, self._snic_tps(engines), prefill)
-
-
-def _alive(engines: Mapping[str, EngineLink], role: str) -> list[EngineLink]:
-    return [e for e in engines.values() if e.alive and e.hello.role == role]
+        return derive_thresholds(self.config.scheduler, self._snic_tps(connections.engines), prefill)
 
 
 def _read_queues(engines: Mapping[str, EngineLink]) -> dict[Hashable, int]:
