@@ -330,12 +330,15 @@ def test_two_prefill_and_two_decode_nodes_share_the_work_exactly(tiny_llama: Pai
         assert all(r > 0 for r in read.values()), read
 
 
-def test_chunked_prefill_under_a_tiny_compute_quota_is_exact(tiny_llama: Pair, tmp_path: Path) -> None:
-    """A quota no request fits: every prompt is prefilled one block per batch, each chunk loading
-    the earlier chunks' KV back from the DE buffer, over every read path."""
+@pytest.mark.parametrize("floor", [0, 2 * BLOCK])
+def test_chunked_prefill_under_a_tiny_compute_quota_is_exact(
+    tiny_llama: Pair, tmp_path: Path, floor: int
+) -> None:
+    """A quota no request fits: every prompt is prefilled one block per batch (or two, the chunk
+    floor), each chunk loading the earlier chunks' KV back from the DE buffer, over every read path."""
     config = ClusterConfig(
         model=str(tiny_llama.path),
-        scheduler=SchedulerConfig(compute_quota_s=1e-9),
+        scheduler=SchedulerConfig(compute_quota_s=1e-9, min_chunk_tokens=floor),
         engine=EngineConfig(block_size=BLOCK, num_blocks=128),
         store=StoreConfig(root=tmp_path),
         buffer_slots=32,

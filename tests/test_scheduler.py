@@ -258,6 +258,19 @@ def test_block_chunks_chunk_on_block_boundaries_within_the_quota() -> None:
     assert block_chunks([partial], model, 0.03, 16, 100, 2048) == [48]  # 50 rounds down
 
 
+def test_a_batchs_first_request_takes_at_least_the_chunk_floor() -> None:
+    model = AttentionModel(1e-3, 0.0, 0.0)  # 1 ms per new token
+    long, short = PrefillWork("long", 0, 1000), PrefillWork("short", 16, 40)
+    # the quota alone cuts one block; the floor takes 300 tokens, rounded down to a boundary
+    assert block_chunks([long], model, 1e-9, 16, 100, 2048) == [16]
+    assert block_chunks([long], model, 1e-9, 16, 100, 2048, min_tokens=300) == [288]
+    assert block_chunks([long], model, 0.5, 16, 100, 2048, min_tokens=300) == [496]  # the quota is more
+    assert block_chunks([long], model, 1e-9, 16, 100, 200, min_tokens=300) == [192]  # max_tokens still binds
+    # the floor never lengthens a request past its prompt, nor lets a later request break the quota
+    assert block_chunks([short, long], model, 1e-9, 16, 100, 2048, min_tokens=300) == [56]
+    assert block_chunks([short, long], model, 0.05, 16, 100, 2048, min_tokens=300) == [56]
+
+
 # --- The placement pipeline ------------------------------------------------------------------------------
 
 

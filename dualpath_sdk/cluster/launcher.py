@@ -116,7 +116,7 @@ class LocalLauncher:
             c.transfer,
             c.buffer_slots,
             c.threads_per_engine,
-            c.scheduler.compute_quota_s,
+            c.scheduler,
         )
 
     def _start(self, spec: EngineSpec) -> None:

@@ -12,7 +12,8 @@ a partial one (store/prefix.py): it is loaded like the others, and since this pr
 rest of its rows, it always goes back to the DE buffer, whichever side read it.
 Batches are packed FIFO by the compute quota (PAPER.md, Inside a PE); the request that crosses it
 is prefilled in block-aligned chunks, each later chunk pulling the earlier ones' KV from the DE
-buffer as on the DE read path.
+buffer as on the DE read path. A batch's first request takes at least `min_chunk_tokens`: a quota
+made for GPUs would otherwise cut a CPU's long prompt into a block per batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from dualpath_sdk.config import SchedulerConfig
 from dualpath_sdk.engine.core import check_token_ids
 from dualpath_sdk.engine.messages import DeSlots, Failed, Fetch, Hello, Prefill, Prefilled, Role
 from dualpath_sdk.engine.prefill import IN_FLIGHT_LAYERS, LayerIO, PrefillJob, prefill_layerwise
@@ -77,12 +79,12 @@ class PrefillWorker(Worker):
         transport: Transport,
         buffer_slots: int,
         max_batch_tokens: int,
-        compute_quota_s: float,
+        batching: SchedulerConfig,
     ) -> None:
         super().__init__(engine_id, model, layout, store, transport, buffer_slots)
         self.transport = transport
         self.max_batch_tokens = max_batch_tokens
-        self.compute_quota_s = compute_quota_s
+        self.batching = batching  # compute_quota_s and min_chunk_tokens
         max_blocks = layout.blocks(max_batch_tokens) + buffer_slots  # a batch's blocks, cached ones included
         self.work = transport.allocate(
             f"{engine_id}-pe-work", IN_FLIGHT_LAYERS * max_blocks * layout.layer_block_nbytes
@@ -258,8 +260,8 @@ class PrefillWorker(Worker):
         for p in ready:
             cached = p.done or p.task.cached_tokens
             work.append(PrefillWork(p.task.req_id, cached, len(p.task.token_ids) - cached))
-        quota, tokens = self.compute_quota_s, self.max_batch_tokens
-        ends = block_chunks(work, self.attention, quota, bs, self.max_blocks, tokens)
+        quota, floor = self.batching.compute_quota_s, self.batching.min_chunk_tokens
+        ends = block_chunks(work, self.attention, quota, bs, self.max_blocks, self.max_batch_tokens, floor)
         return list(zip(ready, ends, strict=False))
 
     # ---- one request's loads and sends -------------------------------------------------------------

@@ -31,7 +31,7 @@ from multiprocessing.connection import Client, Connection
 
 import torch
 
-from dualpath_sdk.config import EngineConfig, StoreConfig, TransferConfig
+from dualpath_sdk.config import EngineConfig, SchedulerConfig, StoreConfig, TransferConfig
 from dualpath_sdk.engine.core import kv_layout
 from dualpath_sdk.engine.decode_worker import DecodeWorker, Send
 from dualpath_sdk.engine.messages import Failed, Report, Role
@@ -61,7 +61,7 @@ class EngineSpec:
     transfer: TransferConfig
     buffer_slots: int
     threads: int
-    compute_quota_s: float
+    scheduler: SchedulerConfig  # a PE packs its batches by the compute quota
 
 
 class _Channel:
@@ -152,9 +152,9 @@ def _worker(spec: EngineSpec, model: Model, store: BlockStore, transport: Transp
     """The spec's role, as the worker the loop drives."""
     if spec.role == "pe":
         layout = kv_layout(model, spec.engine.block_size)
-        max_tokens, quota_s = spec.engine.max_batch_tokens, spec.compute_quota_s
+        max_tokens = spec.engine.max_batch_tokens
         return PrefillWorker(
-            spec.engine_id, model, layout, store, transport, spec.buffer_slots, max_tokens, quota_s
+            spec.engine_id, model, layout, store, transport, spec.buffer_slots, max_tokens, spec.scheduler
         )
     return DecodeWorker(spec.engine_id, model, spec.engine, store, transport, spec.buffer_slots, send)
 

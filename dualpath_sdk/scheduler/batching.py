@@ -94,20 +94,22 @@ def block_chunks(
     block_tokens: int,
     max_blocks: int,
     max_tokens: int,
+    min_tokens: int = 0,
 ) -> list[int]:
     """`pack_quota` for an engine whose KV moves in blocks: how far each leading request's prefill
     reaches this batch (cached + new tokens), FIFO.
 
     A chunk that is not a request's last ends on a block boundary, rounded down; a batch takes at
-    least its first request's tokens up to the next boundary (a whole block, or the rest of a
-    partial cached one). The batch also stays within `max_blocks` KV blocks (cached ones included)
-    and `max_tokens` new tokens.
+    least `min_tokens` of its first request (or all it has left), and at least up to the next
+    boundary (a whole block, or the rest of a partial cached one). The batch also stays within
+    `max_blocks` KV blocks (cached ones included) and `max_tokens` new tokens.
     """
     ends: list[int] = []
     blocks = new = 0
     for work, chunk in zip(queue, pack_quota(queue, model, quota_s), strict=False):
         total = work.cached + work.new
-        end = work.cached + min(chunk.tokens, max_tokens - new)
+        tokens = chunk.tokens if ends else max(chunk.tokens, min(min_tokens, work.new))
+        end = work.cached + min(tokens, max_tokens - new)
         if end < total:
             end = end // block_tokens * block_tokens
             if end <= work.cached:
