@@ -7,9 +7,10 @@ once, untimed, and each run starts from a copy of that store, so every mode read
 
 Sections (docs/benchmarks.md says more):
 - offline: N synthetic agents (PAPER.md's workload table scaled down: append : generate = 4 : 1,
-  zero tool latency) start together on 1P1D and 1P2D; the job completion time (JCT) of each mode,
-  its speed-up over basic beside the ideal (P+D)/P, each node's storage-NIC utilisation (busiest and
-  mean over 4 s windows) and the TTFT broken into queue, read and prefill.
+  zero tool latency) start together on 1P1D and 1P2D, every mode once per round, rounds repeated
+  (ROUNDS) so that each figure has its spread; the job completion time (JCT) of each mode, its
+  speed-up over the same round's basic beside the ideal (P+D)/P, each node's storage-NIC utilisation
+  (busiest and mean over 4 s windows) and the TTFT broken into queue, read and prefill.
 - online: the synthetic agents on 1P1D, one alone (light load) and all arriving as a Poisson
   process at 0.8x basic's offline throughput; TTFT and TPOT percentiles.
 - trace: block-level replay of ../shared/traces' conversation trace on 1P1D: each conversation is an
@@ -21,6 +22,7 @@ Greedy outputs of every non-oracle mode must agree token for token; the JSON say
 from __future__ import annotations
 
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -41,13 +43,14 @@ from dualpath_sdk.bench.cluster.runs import (
     ROWS,
     SNIC_BPS,
     TOPOLOGIES,
-    TRACE_SNIC_BPS,
     Run,
     poisson,
     prime,
     run,
 )
 from dualpath_sdk.bench.cluster.workloads import TRACE, Agent, synthetic_agents, trace_agents
+
+ROUNDS = 3  # of the offline rows in a full run; --quick runs one
 
 
 def offline(
@@ -57,20 +60,25 @@ def offline(
     topologies: tuple[str, ...],
     rows: tuple[str, ...],
     slots: int,
-    cap: float = SNIC_BPS,
+    rounds: int = 1,
 ) -> list[Run]:
-    """Prime the agents' first turns once, then one timed run per topology and row, all from that store."""
+    """Prime the agents' first turns once, then `rounds` rounds of one timed run per topology and row,
+    all from that store; interleaved, so a slow spell of the machine falls on every row alike."""
     primed = out / "primed"
     started = time.perf_counter()
     prime(primed, agents, slots)
     console.print(f"primed {len(agents)} agents' first turns in {time.perf_counter() - started:.1f} s")
     runs = []
-    for topology in topologies:
-        for row in rows:
-            started = time.perf_counter()
-            runs.append(run(primed, agents, topology, row, slots, cap=cap))
-            wall = time.perf_counter() - started
-            console.print(f"{topology} {row}: JCT {runs[-1].jct_s:.1f} s ({wall:.1f} s with start-up)")
+    for repeat in range(rounds):
+        for topology in topologies:
+            for row in rows:
+                started = time.perf_counter()
+                runs.append(run(primed, agents, topology, row, slots, repeat=repeat))
+                wall = time.perf_counter() - started
+                console.print(
+                    f"round {repeat + 1}/{rounds} {topology} {row}: "
+                    f"JCT {runs[-1].jct_s:.1f} s ({wall:.1f} s with start-up)"
+                )
     return runs
 
 
@@ -102,21 +110,22 @@ def _vocab() -> int:
 def main(quick: bool) -> Figures:
     console = Console(width=None if sys.stdout.isatty() else 120)  # the offline table has 11 columns
     out = Path(tempfile.mkdtemp(prefix="dualpath-bench-cluster-"))
-    figures: Figures = {"snic_mb_s": SNIC_BPS / 1e6, "trace_snic_mb_s": TRACE_SNIC_BPS / 1e6}
+    figures: Figures = {"snic_mb_s": SNIC_BPS / 1e6}
     slots = 192
     try:
         vocab = _vocab()
-        n, turns = (4, 1) if quick else (8, 4)
-        agents = synthetic_agents(n, turns, first=1024, append=40, gen=10, vocab=vocab)
+        n, turns, first = (4, 1, 512) if quick else (8, 2, 1024)
+        agents = synthetic_agents(n, turns, first=first, append=40, gen=10, vocab=vocab)
         rows = ("basic", "dualpath+split") if quick else tuple(ROWS)
-        runs = offline(console, out / "synthetic", agents, tuple(TOPOLOGIES), rows, slots)
+        rounds = 1 if quick else ROUNDS
+        runs = offline(console, out / "synthetic", agents, tuple(TOPOLOGIES), rows, slots, rounds)
         figures |= offline_table(console, "offline synthetic agents", runs)
         figures["outputs_match"] = outputs_agree(runs)
         plot(PLOT, runs)
         console.print(f"plot: {PLOT}")
         if quick:
             return saved(figures)
-        basic_jct = next(r.jct_s for r in runs if r.topology == "1P1D" and r.row == "basic")
+        basic_jct = statistics.median(r.jct_s for r in runs if r.topology == "1P1D" and r.row == "basic")
         latency = online(console, out / "synthetic", agents, len(agents) / basic_jct, slots)
         figures |= latency_table(console, "online synthetic agents, 1P1D", latency)
         if not TRACE.is_file():
@@ -124,7 +133,7 @@ def main(quick: bool) -> Figures:
             return saved(figures)
         conversations = trace_agents(6, 3, vocab)
         trace_rows = ("basic", "dualpath", "dualpath+split")  # oracle counts a session's history: none here
-        trace = offline(console, out / "trace", conversations, ("1P1D",), trace_rows, slots, TRACE_SNIC_BPS)
+        trace = offline(console, out / "trace", conversations, ("1P1D",), trace_rows, slots)
         figures |= offline_table(console, "trace block-level replay", trace)
         figures["trace_outputs_match"] = outputs_agree(trace)
     finally:

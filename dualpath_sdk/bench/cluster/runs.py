@@ -18,8 +18,9 @@ from dualpath_sdk.api.session import StepResult
 from dualpath_sdk.bench.cluster.workloads import BLOCK, Agent
 from dualpath_sdk.config import ClusterConfig, EngineConfig, Mode, SchedulerConfig, StoreConfig
 
-SNIC_BPS = 24e6  # every node's storage-NIC read cap: storage, not compute, bounds these runs
-TRACE_SNIC_BPS = 12e6  # the trace's turns add more new tokens per cached one: a lower cap keeps it so
+# every node's storage-NIC read cap: low enough that storage, not compute, bounds every row on 2 cores
+# (oracle, which reads nothing, finishes several times faster than an ideal dualpath could)
+SNIC_BPS = 12e6
 TENANT = "bench"
 
 # row -> (cluster mode, split reads)
@@ -47,6 +48,7 @@ class Run:
     steps: list[Step]
     nic: dict[str, tuple[float, float]]  # node -> (busiest 4 s window, mean) read utilisation
     outputs: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    repeat: int = 0  # which round of the rows this run belongs to
 
     def mean(self, pick: Callable[[StepResult], float]) -> float:
         return statistics.fmean(pick(s.result) for s in self.steps)
@@ -137,6 +139,7 @@ def run(
     slots: int,
     arrivals: list[float] | None = None,
     cap: float = SNIC_BPS,
+    repeat: int = 0,
 ) -> Run:
     """One timed run: a fresh copy of the primed store, a capped cluster, every agent's turns 1.."""
     work = primed.parent / f"{topology}-{row}"
@@ -165,7 +168,7 @@ def run(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     outputs = {(s.agent, s.turn): s.result.token_ids for s in steps}
-    return Run(topology, row, jct, steps, utilisation(samples, cap), outputs)
+    return Run(topology, row, jct, steps, utilisation(samples, cap), outputs, repeat)
 
 
 def poisson(n: int, rate: float, seed: int = 0) -> list[float]:
