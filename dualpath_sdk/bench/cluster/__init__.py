@@ -108,7 +108,7 @@ def _vocab() -> int:
 
 
 def main(quick: bool) -> Figures:
-    console = Console(width=None if sys.stdout.isatty() else 120)  # the offline table has 11 columns
+    console = Console(width=None if sys.stdout.isatty() else 160)  # the offline table has 12 columns
     out = Path(tempfile.mkdtemp(prefix="dualpath-bench-cluster-"))
     figures: Figures = {"snic_mb_s": SNIC_BPS / 1e6}
     slots = 192

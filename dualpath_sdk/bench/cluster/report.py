@@ -42,7 +42,9 @@ def _nic_cells(runs: list[Run]) -> list[str]:
 
 
 def _spread(values: list[float], digits: int, unit: str = "") -> str:
-    return f"{min(values):.{digits}f}-{max(values):.{digits}f}{unit}" if len(values) > 1 else ""
+    """The median, with the min-max beside it when there are several rounds."""
+    median = f"{statistics.median(values):.{digits}f}{unit}"
+    return f"{median} ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else median
 
 
 def speedups(runs: list[Run]) -> dict[tuple[str, str], list[float]]:
@@ -74,8 +76,8 @@ def offline_table(console: Console, title: str, runs: list[Run]) -> Figures:
     ratios = speedups(runs)
     rounds = max(r.repeat for r in runs) + 1
     table = Table(title=f"{title}, {rounds} round{'s' if rounds > 1 else ''}: medians (min-max)")
-    columns = ("nodes", "mode", "JCT s", "", "x basic", "", "ideal", "cached", "TTFT s", "queue", "read")
-    for column in (*columns, "prefill", "PE SNIC", "DE SNIC"):  # read use of the cap: busiest 4 s / mean
+    columns = ("nodes", "mode", "JCT s", "x basic", "ideal", "cached", "TTFT s", "queue", "read", "prefill")
+    for column in (*columns, "PE SNIC", "DE SNIC"):  # read use of the cap: busiest 4 s / mean
         table.add_column(column, justify="right")
     for (topology, row), group in groups.items():
         p, d = TOPOLOGIES[topology]
@@ -83,9 +85,7 @@ def offline_table(console: Console, title: str, runs: list[Run]) -> Figures:
         ideal = f"{(p + d) / p:.1f}x" if row.startswith("dualpath") else ""  # oracle is compute-bound
         share = statistics.fmean(cached_share(r) for r in group)
         cells = (
-            f"{statistics.median(jct):.1f}",
             _spread(jct, 1),
-            f"{statistics.median(speedup):.2f}x",
             _spread(speedup, 2, "x"),
             ideal,
             f"{share:.3f}",
