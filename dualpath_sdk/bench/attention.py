@@ -14,8 +14,10 @@ same run on the same sequences.
 - a turn's TTFT over a reused history: its KV imported from Full Blocks layer by layer just before
   each layer runs (the engine's side of a load; the read from storage is not in it) beside the I/O-free
   oracle, the same history already in the pool; on the default path.
-- cold prefill (full run only): a whole prompt in one forward, no history, best of 2 (the engine-core
-  reference of issue 17's cold-prefill rows).
+- cold prefill (full run only): a whole prompt in one forward, no history, best of 2; then the same
+  prompts through a 1P1D cluster's PE (TTFT of a fresh session, default path), with the compute quota
+  alone (`min_chunk_tokens=0`: a CPU's 300 ms fits one block, so 64-token chunks that each load back
+  every earlier chunk's KV) and with the chunk floor, each over the engine core's time.
 - memory traffic per decoded token: the weights' and the KV's bytes (the floor), the bytes each path
   moves by construction (gather copies the KV and reads the copy again), and the floor's time at this
   run's measured memcpy rate beside the measured TPOT.
@@ -24,16 +26,18 @@ same run on the same sequences.
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from dualpath_sdk.config import EngineConfig
+from dualpath_sdk.config import ClusterConfig, EngineConfig, SchedulerConfig, StoreConfig
 from dualpath_sdk.engine.core import EngineCore, kv_layout
 from dualpath_sdk.engine.sequence import FullBlockPrefix, SamplingParams, Sequence
 from dualpath_sdk.kv.block import FullBlock
@@ -156,6 +160,21 @@ class Timing:
         return Timing(statistics.median(r.wall for r in runs), statistics.median(r.cpu for r in runs))
 
 
+def cold_through_cluster(lengths: list[int], floor: int, vocab: int) -> dict[int, float]:
+    """TTFT of each cold prompt through a fresh 1P1D cluster whose PE chunks at `floor` tokens at least."""
+    from dualpath_sdk.api.cluster import Cluster
+
+    rng = torch.Generator().manual_seed(7)
+    with tempfile.TemporaryDirectory() as root:
+        store, scheduler = StoreConfig(root=Path(root)), SchedulerConfig(min_chunk_tokens=floor)
+        with Cluster(ClusterConfig(store=store, scheduler=scheduler)) as cluster:
+            out = {}
+            for n in lengths:
+                prompt = torch.randint(0, vocab, (n,), generator=rng).tolist()
+                out[n] = cluster.session().step_tokens(prompt, max_tokens=1).timings.ttft_s
+            return out
+
+
 def _timed(run: Callable[[], object]) -> Timing:
     wall, cpu = time.perf_counter(), time.thread_time()
     run()
@@ -201,10 +220,13 @@ def main(quick: bool) -> dict:
             rows.append((label, f"decode_b{batch}_{name}", bench.decode(batch, decode_history, steps)))
         label = f"prefill {NEW} new over {prefill_history} cached"
         rows.append((label, f"prefill_{name}", bench.prefill(prefill_history, repeats)))
-    if not quick:
-        for length in (2041, 6583):
-            rows.append((f"cold prefill, {length} tokens", f"cold_{length}", bench.cold(length, 2)))
+    cold_lengths = [] if quick else [2041, 6583]
+    for length in cold_lengths:
+        rows.append((f"cold prefill, {length} tokens", f"cold_{length}", bench.cold(length, 2)))
     turn = bench.turn(7744, repeats)
+    floors = {"quota alone": 0, "chunk floor": SchedulerConfig().min_chunk_tokens}
+    vocab = model.spec.vocab_size
+    through = {n: cold_through_cluster(cold_lengths, f, vocab) for n, f in floors.items() if cold_lengths}
 
     threads = torch.get_num_threads()
     table = Table(title=f"attention: default model, fp32, {threads} thread(s); default path: {default}")
@@ -278,6 +300,29 @@ def main(quick: bool) -> dict:
     for p in paths:
         figures[f"traffic_{p}_mb"] = round(moves[p] / 1e6, 1)
         figures[f"tpot_over_floor_{p}"] = round(tpot[p].wall / floor_s, 3)
+    if cold_lengths:
+        figures |= _cold_table(rows, default, floors, through)
+    return figures
+
+
+def _cold_table(
+    rows: list[tuple[str, str, dict[str, Timing]]],
+    default: str,
+    floors: dict[str, int],
+    through: dict[str, dict[int, float]],
+) -> dict[str, float]:
+    table = Table(title=f"cold prefill: one EngineCore forward beside a 1P1D cluster's PE ({default})")
+    for column in ("prompt", "engine core", *(f"cluster, {n} ({f} tokens)" for n, f in floors.items())):
+        table.add_column(column, justify="right")
+    figures = {}
+    for n in through["chunk floor"]:
+        core = next(times[default].wall for _, key, times in rows if key == f"cold_{n}")
+        cells = [f"{through[name][n]:.2f} s ({through[name][n] / core:.2f}x)" for name in floors]
+        table.add_row(f"{n} tokens", _seconds(core), *cells)
+        for name, f in floors.items():
+            figures[f"cold_{n}_cluster_floor{f}_s"] = round(through[name][n], 3)
+            figures[f"cold_{n}_cluster_floor{f}_ratio"] = round(through[name][n] / core, 3)
+    Console().print(table)
     return figures
 
 
