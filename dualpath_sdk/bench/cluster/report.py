@@ -56,10 +56,16 @@ def speedups(runs: list[Run]) -> dict[tuple[str, str], list[float]]:
     return out
 
 
+MARGIN = 0.02  # speed-ups closer than this (relative) are the same: the basic rows alone vary ~0.5%
+
+
 def verdict(one_side: list[float], split: list[float]) -> str:
-    """Split against one side, decided only where every round says the same (the ranges do not overlap)."""
+    """Split against one side: a difference is called only where it exceeds MARGIN and every round
+    says the same (the two rows' ranges do not overlap)."""
     if len(split) < 2:
         return "one round: undecided"
+    if abs(statistics.median(split) / statistics.median(one_side) - 1) < MARGIN:
+        return f"equal within {MARGIN:.0%}"
     if min(split) > max(one_side):
         return "split faster"
     if min(one_side) > max(split):
