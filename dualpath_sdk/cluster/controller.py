@@ -24,14 +24,15 @@ __all__ = ["Controller", "Event", "StepOutcome", "StepRequest"]
 
 
 class Controller:
-    def __init__(self, authkey: bytes, config: ClusterConfig) -> None:
+    def __init__(self, authkey: bytes, config: ClusterConfig, host: str = "127.0.0.1") -> None:
+        """`host`: where the control channel listens (connections.py)."""
         self.config = config
         self.block_size = config.engine.block_size
         self.lock = threading.RLock()
         self.engine_ready = threading.Condition(self.lock)
         self.metrics = Metrics()
         self.placer = Placer(config)
-        self.connections = Connections(authkey, self.lock, self._on_hello, self._on_message)
+        self.connections = Connections(authkey, self.lock, self._on_hello, self._on_message, host)
         self.address: tuple[str, int] = self.connections.address
         self.engines: dict[str, EngineLink] = self.connections.engines
         self.machine = StepMachine(config, self.connections, self.metrics, self._dispatch)

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar
 
 import dualpath_sdk
 from dualpath_sdk.cluster.controller import Controller
@@ -32,6 +32,7 @@ from dualpath_sdk.config import ClusterConfig
 from dualpath_sdk.engine.messages import Role
 from dualpath_sdk.engine.process import HEARTBEAT_S, EngineSpec
 from dualpath_sdk.errors import EngineUnavailable
+from dualpath_sdk.store.limiter import granted_bytes
 
 DEAD_AFTER_S = 10 * HEARTBEAT_S  # no heartbeat for this long: the engine is hung
 STDERR_LINES = 50  # kept per engine, for the message of a failed start
@@ -41,22 +42,38 @@ CLOSE_WAIT_S = 10.0  # for the engines to take their goodbye, all together, befo
 T = TypeVar("T")
 
 
+class EngineProcess(Protocol):
+    """What the health check needs of an engine process: a local Popen, or one on a Ray node."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 class LocalLauncher:
-    def __init__(self, config: ClusterConfig, model_path: str | None) -> None:
+    def __init__(self, config: ClusterConfig, model_path: str | None, host: str = "127.0.0.1") -> None:
+        """`host`: where the control channel listens, for the engines to dial."""
         self.config = config
         self._authkey = secrets.token_bytes(32)
         # node names key the nodes' shared NIC state (/dev/shm): another cluster must not share it
         self.tag = secrets.token_hex(4)
-        self.controller = Controller(self._authkey, config)
-        self.specs = [self._spec(f"pe{i}", "pe", model_path) for i in range(config.prefill_nodes)]
-        self.specs += [self._spec(f"de{i}", "de", model_path) for i in range(config.decode_nodes)]
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.controller = Controller(self._authkey, config, host)
+        self.specs = self._specs(model_path)
+        self.processes: dict[str, EngineProcess] = {}
         self.stderr_tail: dict[str, deque[str]] = {}  # the last lines of each engine's current process
         self._readers: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()  # starts against close
         self._closing = threading.Event()
         self._stopped = threading.Event()  # the health check's end, once the engines are gone
-        self._spawner = _Spawner()
+        self._spawner = Spawner()
         self._health = threading.Thread(target=self._watch, name="engine-health", daemon=True)
         try:
             for spec in self.specs:
@@ -103,9 +120,15 @@ class LocalLauncher:
             if lines
         )
 
-    def _spec(self, engine_id: str, role: Role, model_path: str | None) -> EngineSpec:
+    def _specs(self, model_path: str | None) -> list[EngineSpec]:
+        """One engine per node: pe0 on the first PE node, ..., then the DEs."""
         c = self.config
-        node = f"{self.tag}-{role}-node{engine_id[2:]}"
+        specs = [self._spec(f"pe{i}", "pe", i, model_path) for i in range(c.prefill_nodes)]
+        return specs + [self._spec(f"de{i}", "de", i, model_path) for i in range(c.decode_nodes)]
+
+    def _spec(self, engine_id: str, role: Role, node_index: int, model_path: str | None) -> EngineSpec:
+        c = self.config
+        node = f"{self.tag}-{role}-node{node_index}"
         return EngineSpec(
             engine_id,
             role,
@@ -123,32 +146,11 @@ class LocalLauncher:
         with self._lock:
             if self._closing.is_set():
                 return
-            process = self._spawner.call(
-                lambda: subprocess.Popen(
-                    [sys.executable, "-m", "dualpath_sdk.engine", spec.engine_id],  # the id: for `ps`
-                    stdin=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    env=_child_env(spec),
-                    close_fds=True,
-                )
-            )
-            self.processes[spec.engine_id] = process
             tail: deque[str] = deque(maxlen=STDERR_LINES)
+            process, reader = spawn_engine(self._spawner, spec, self.controller.address, self._authkey, tail)
+            self.processes[spec.engine_id] = process
             self.stderr_tail[spec.engine_id] = tail
-            assert process.stdin is not None and process.stderr is not None
-            reader = threading.Thread(
-                target=_forward_stderr,
-                args=(process.stderr, f"[{spec.engine_id}] ", tail),
-                name=f"engine-stderr-{spec.engine_id}",
-                daemon=True,
-            )
-            reader.start()
             self._readers[spec.engine_id] = reader
-            message = (os.getpid(), spec, self.controller.address, self._authkey)
-            with contextlib.suppress(OSError):  # it died at once: the start or the health check sees it
-                process.stdin.write(pickle.dumps(message))
-            with contextlib.suppress(OSError):
-                process.stdin.close()
 
     def _watch(self) -> None:
         """Dead (exited, or silent for DEAD_AFTER_S): retry or fail its steps, then respawn it."""
@@ -182,6 +184,10 @@ class LocalLauncher:
     def nodes(self) -> list[str]:
         return sorted({spec.node for spec in self.specs})
 
+    def storage_nic_bytes(self) -> dict[str, tuple[float, float]]:
+        """Bytes each node's storage NIC has read and written so far: {node: (read, written)}."""
+        return {node: granted_bytes(node) for node in self.nodes}
+
     def close(self) -> None:
         with self._lock:
             self._closing.set()
@@ -201,13 +207,49 @@ class LocalLauncher:
         self._spawner.stop()
         for reader in self._readers.values():
             reader.join(1.0)  # the engines' last words reach our stderr
-        for directory in {Path("/dev/shm"), self.config.transfer.shm_dir}:
-            for node in self.nodes:  # the nodes' emulated NIC state (storage limiter, link)
-                for path in directory.glob(f"dualpath-*-{node}"):
-                    path.unlink(missing_ok=True)
+        forget_node_state(self.nodes, self.config.transfer.shm_dir)
 
 
-class _Spawner:
+def forget_node_state(nodes: list[str], shm_dir: Path) -> None:
+    """Remove the nodes' emulated NIC state (storage limiter, link) from this host."""
+    for directory in {Path("/dev/shm"), shm_dir}:
+        for node in nodes:
+            for path in directory.glob(f"dualpath-*-{node}"):
+                path.unlink(missing_ok=True)
+
+
+def spawn_engine(
+    spawner: Spawner, spec: EngineSpec, address: tuple[str, int], authkey: bytes, tail: deque[str]
+) -> tuple[subprocess.Popen[bytes], threading.Thread]:
+    """Start `python -m dualpath_sdk.engine` from the spawner's thread and hand it its spec on stdin;
+    its stderr is forwarded to ours, prefixed with its id, by the returned thread, which keeps the last
+    lines in `tail`."""
+    process = spawner.call(
+        lambda: subprocess.Popen(
+            [sys.executable, "-m", "dualpath_sdk.engine", spec.engine_id],  # the id: for `ps`
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_child_env(spec),
+            close_fds=True,
+        )
+    )
+    assert process.stdin is not None and process.stderr is not None
+    reader = threading.Thread(
+        target=_forward_stderr,
+        args=(process.stderr, f"[{spec.engine_id}] ", tail),
+        name=f"engine-stderr-{spec.engine_id}",
+        daemon=True,
+    )
+    reader.start()
+    message = (os.getpid(), spec, address, authkey)
+    with contextlib.suppress(OSError):  # it died at once: the start or the health check sees it
+        process.stdin.write(pickle.dumps(message))
+    with contextlib.suppress(OSError):
+        process.stdin.close()
+    return process, reader
+
+
+class Spawner:
     """Starts every engine process from one thread that lives as long as the launcher.
 
     The kernel sends an engine its death signal (PR_SET_PDEATHSIG) when the *thread* that started

@@ -94,18 +94,28 @@ def serve(
     max_body_bytes: int = MAX_BODY_BYTES,
     graceful_s: float = GRACEFUL_S,
     announce: Callable[[str], None] = announce_line,
+    ray_address: str | None = None,
+    engines_per_node: int = 1,
     **overrides: Any,
 ) -> None:
-    """Serve a new local cluster's gateway on `host:port` (port 0: a free one) until SIGINT or
-    SIGTERM; returns once the server stopped and the cluster is closed. `overrides`: any other
+    """Serve a new cluster's gateway on `host:port` (port 0: a free one) until SIGINT or SIGTERM;
+    returns once the server stopped and the cluster is closed. The cluster is local, or on the Ray
+    cluster at `ray_address` (Cluster.ray, with `engines_per_node`). `overrides`: any other
     ClusterConfig field (max_steps, engine, ...). Call it from the main thread (signals)."""
     check_exposure(host, keys)
+    if engines_per_node != 1 and ray_address is None:
+        raise InvalidInput("engines_per_node places a node's engines on one Ray node: it needs ray_address")
     if graceful_s < 0:
         raise InvalidInput(f"graceful_s must be >= 0, not {graceful_s}")
     stop, cluster = _Stop(), None
     with stop.installed():
         try:
-            cluster = Cluster.local(model, prefill_nodes, decode_nodes, storage, **overrides)
+            if ray_address is None:
+                cluster = Cluster.local(model, prefill_nodes, decode_nodes, storage, **overrides)
+            else:
+                cluster = Cluster.ray(
+                    ray_address, model, prefill_nodes, decode_nodes, engines_per_node, storage, **overrides
+                )
             app = create_app(cluster, keys, max_body_bytes)
             config = uvicorn.Config(
                 app,
