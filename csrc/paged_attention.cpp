@@ -11,6 +11,10 @@
 // of the tile's K; P.V reads the tile's V rows in place, or from a packed copy when many rows reuse
 // it (prefill): the only copies, one tile each, L1-sized. Units run under at::parallel_for: torch's
 // own thread pool and thread count, so engines at one thread stay at one.
+//
+// The pool may hold K/V in float32, bfloat16 or float16 (EngineConfig.kv_dtype): 16-bit K and V rows are
+// widened to float32 as a tile is copied (V then always goes through the packed copy), so the math, and
+// a row's order of sums, is the same in every KV dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,7 +25,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -35,14 +44,14 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Args {
   const float* q;            // [T, heads, D]
-  const float* kv;           // blocks of [block_size, 2, kv_heads, D]
+  const void* kv;            // blocks of [block_size, 2, kv_heads, D], in KV (float, BFloat16 or Half)
   const int64_t* tables;     // [B, table_stride] each sequence's blocks
   const int64_t* q_offsets;  // [B] first row of each sequence in q / out
   const int64_t* starts;     // [B] position of each sequence's first query
   float* out;                // [T, heads, D]
   int64_t heads, kv_heads, group, block_size, table_stride;
-  int64_t token_stride;  // floats between two tokens of a block (2 * kv_heads * D)
-  int64_t block_stride;  // floats between two blocks
+  int64_t token_stride;  // elements between two tokens of a block (2 * kv_heads * D)
+  int64_t block_stride;  // elements between two blocks
   int64_t window;        // keys a query sees, itself included; 0: all earlier ones
   float scale;
 };
@@ -51,8 +60,30 @@ struct Unit {  // queries [first, first + count) of sequence `seq`, KV heads [he
   int64_t seq, head, heads, first, count;
 };
 
-template <int64_t D>
+// `n` elements of a 16-bit KV row widened to float32 (n a multiple of 16 where vectors are used).
+inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+inline void widen(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <int64_t D, typename KV>
 struct Kernel {
+  static constexpr bool kWide = std::is_same_v<KV, float>;
   static_assert(D % kLanes == 0, "head_dim must be a multiple of the vector width");
   static constexpr int64_t kDimVecs = D / kLanes;
   static constexpr int kRows = static_cast<int>(
@@ -176,10 +207,12 @@ struct Kernel {
         std::fill(a.out + row * D, a.out + row * D + D, 0.f);
       }
     }
-    // few rows (decode) read V in place; many (prefill) read a packed copy, reused by every row
-    const bool pack_v = rows > 2 * kRows;
+    // few rows (decode) read float32 V in place; many (prefill), and 16-bit V, a packed float32 copy
+    const bool pack_v = !kWide || rows > 2 * kRows;
     alignas(64) float kt[D * kTile];  // the tile's K, transposed
     alignas(64) float vt[kTile * D];  // the tile's V rows, packed
+    alignas(64) float kw[kWide ? 1 : kTile * D];  // 16-bit K rows widened, before the transpose
+    const KV* kv = static_cast<const KV*>(a.kv);
     const int64_t* table = a.tables + u.seq * a.table_stride;
     const int64_t bs = a.block_size;
     for (int64_t j = klo / bs; j * bs < khi; ++j) {
@@ -192,15 +225,29 @@ struct Kernel {
             a.window > 0 ? std::min(rows, (k0 + nk - 1 + a.window - pos0) * g) : rows;
         if (r_begin >= r_end) continue;
         for (int64_t h = 0; h < u.heads; ++h) {
-          const float* keys = a.kv + table[j] * a.block_stride + t0 * a.token_stride + (u.head + h) * D;
+          const KV* keys = kv + table[j] * a.block_stride + t0 * a.token_stride + (u.head + h) * D;
+          const KV* values = keys + a.kv_heads * D;
           if (nk < kTile) std::fill(kt, kt + D * kTile, 0.f);
-          at::vec::transpose_mxn<float>(keys, a.token_stride, kt, kTile, static_cast<int>(nk),
-                                        static_cast<int>(D));
-          const float* values = keys + a.kv_heads * D;
+          const float* k_rows;
+          int64_t k_stride;
+          if constexpr (kWide) {
+            k_rows = keys, k_stride = a.token_stride;
+          } else {
+            for (int64_t t = 0; t < nk; ++t) widen(keys + t * a.token_stride, kw + t * D, D);
+            k_rows = kw, k_stride = D;
+          }
+          at::vec::transpose_mxn<float>(k_rows, k_stride, kt, kTile, static_cast<int>(nk), static_cast<int>(D));
           if (pack_v)
-            for (int64_t t = 0; t < nk; ++t)
-              for (int64_t c = 0; c < D; c += kLanes)
-                Vec::loadu(values + t * a.token_stride + c).store(vt + t * D + c);
+            for (int64_t t = 0; t < nk; ++t) {
+              if constexpr (kWide) {
+                for (int64_t c = 0; c < D; c += kLanes)
+                  Vec::loadu(values + t * a.token_stride + c).store(vt + t * D + c);
+              } else {
+                widen(values + t * a.token_stride, vt + t * D, D);
+              }
+            }
+          const float* v_rows = nullptr;
+          if constexpr (kWide) v_rows = values;
           const int64_t base = h * rows;
           for (int64_t r = r_begin; r < r_end; r += kRows) {
             const int n = static_cast<int>(std::min<int64_t>(kRows, r_end - r));
@@ -208,7 +255,7 @@ struct Kernel {
             const bool full = nk == kTile && first_pos >= k0 + nk - 1 &&
                               (a.window <= 0 || last_pos - a.window + 1 <= k0);
             step_n(n, q.data() + base + r, o.data() + base + r, m.data() + base + r, l.data() + base + r,
-                   lo.data() + r, hi.data() + r, kt, pack_v ? vt : values, pack_v ? D : a.token_stride,
+                   lo.data() + r, hi.data() + r, kt, pack_v ? vt : v_rows, pack_v ? D : a.token_stride,
                    k0, nk, full, a.scale);
           }
         }
@@ -221,11 +268,23 @@ struct Kernel {
   }
 };
 
-template <int64_t D>
+template <int64_t D, typename KV>
 void run_units(const Args& a, const std::vector<Unit>& units) {
   at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) Kernel<D>::run(a, units[i]);
+    for (int64_t i = begin; i < end; ++i) Kernel<D, KV>::run(a, units[i]);
   });
+}
+
+template <typename KV>
+void run_dim(int64_t d, const Args& a, const std::vector<Unit>& units) {
+  switch (d) {
+    case 64: run_units<64, KV>(a, units); break;
+    case 128: run_units<128, KV>(a, units); break;
+    case 32: run_units<32, KV>(a, units); break;
+    case 256: run_units<256, KV>(a, units); break;
+    case 16: run_units<16, KV>(a, units); break;
+    default: TORCH_CHECK(false, "head_dim ", d, " is not built into this kernel");
+  }
 }
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& block_tables,
@@ -233,8 +292,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, const at::
                            const at::Tensor& q_lens, int64_t window, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.scalar_type() == at::kFloat,
               "q: contiguous float32 [tokens, heads, head_dim]");
-  TORCH_CHECK(kv.dim() == 5 && kv.scalar_type() == at::kFloat && kv.size(2) == 2,
-              "kv: float32 [blocks, block_size, 2, kv_heads, head_dim]");
+  const auto kv_type = kv.scalar_type();
+  TORCH_CHECK(kv.dim() == 5 && kv.size(2) == 2 &&
+                  (kv_type == at::kFloat || kv_type == at::kBFloat16 || kv_type == at::kHalf),
+              "kv: float32, bfloat16 or float16 [blocks, block_size, 2, kv_heads, head_dim]");
   const int64_t heads = q.size(1), d = q.size(2), kv_heads = kv.size(3), bs = kv.size(1);
   TORCH_CHECK(kv.size(4) == d && heads % kv_heads == 0, "kv's heads or head_dim do not fit q's");
   TORCH_CHECK(kv.stride(4) == 1 && kv.stride(3) == d && kv.stride(2) == kv_heads * d &&
@@ -261,7 +322,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, const at::
         units.push_back({b, h, per_unit, first, std::min(tile, lens[b] - first)});
   }
   const Args args{q.data_ptr<float>(),
-                  kv.data_ptr<float>(),
+                  kv.data_ptr(),
                   block_tables.data_ptr<int64_t>(),
                   q_offsets.data_ptr<int64_t>(),
                   starts.data_ptr<int64_t>(),
@@ -275,14 +336,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv, const at::
                   kv.stride(0),
                   window,
                   static_cast<float>(scale)};
-  switch (d) {
-    case 64: run_units<64>(args, units); break;
-    case 128: run_units<128>(args, units); break;
-    case 32: run_units<32>(args, units); break;
-    case 256: run_units<256>(args, units); break;
-    case 16: run_units<16>(args, units); break;
-    default: TORCH_CHECK(false, "head_dim ", d, " is not built into this kernel");
-  }
+  if (kv_type == at::kFloat)
+    run_dim<float>(d, args, units);
+  else if (kv_type == at::kBFloat16)
+    run_dim<at::BFloat16>(d, args, units);
+  else
+    run_dim<at::Half>(d, args, units);
   return out;
 }
 

@@ -12,6 +12,10 @@ Mode = Literal["dualpath", "basic", "oracle"]
 """How a cluster runs: the paper's design, its baseline, or the I/O-free ceiling (ClusterConfig.mode)."""
 ReadPlanChoice = Literal["auto", "pe", "de", "split"]
 """Which side reads a step's cached blocks: the scheduler's choice, or forced (ClusterConfig.read_plan)."""
+WeightPrecision = Literal["fp32", "int8", "int4"]
+"""How an engine holds its model's weights (EngineConfig.weights; model/quant.py says what each is)."""
+KVDtype = Literal["fp32", "bf16", "fp16"]
+"""The dtype of an engine's KV in every tier (EngineConfig.kv_dtype): pool, Full Blocks, buffers, wire."""
 
 
 def cache_dir() -> Path:
@@ -44,7 +48,7 @@ class SchedulerConfig(_Config):
 
 
 class EngineConfig(_Config):
-    """One engine's KV pool and batching limits."""
+    """One engine's weight precision, KV pool and batching limits."""
 
     block_size: int = Field(default=64, ge=1, description="tokens per KV block (Full Block / Layer Block)")
     num_blocks: int = Field(default=1024, ge=1, description="blocks in the engine's KV pool")
@@ -54,6 +58,16 @@ class EngineConfig(_Config):
         description="tokens one forward may compute; longer prompts are prefilled in chunks",
     )
     max_running: int = Field(default=64, ge=1, description="sequences decoding at once")
+    weights: WeightPrecision = Field(
+        default="fp32",
+        description="fp32: exact against transformers; int8 (per channel) / int4 (groups of 32): "
+        "weight-only, about a quarter / an eighth of the bytes a decode step reads (model/quant.py)",
+    )
+    kv_dtype: KVDtype = Field(
+        default="fp32",
+        description="fp32: exact against transformers; bf16 / fp16: half the bytes per cached token in "
+        "the pool, the store, the buffers and every transfer (its own block namespace)",
+    )
 
 
 class MooncakeConfig(_Config):

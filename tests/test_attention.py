@@ -143,6 +143,21 @@ def test_kernel_and_torch_fallback_agree_on_the_same_inputs(window: int | None) 
     torch.testing.assert_close(outs["kernel"], outs["gather"], atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paths_read_16_bit_pools_as_their_float32_values(path: str, dtype: torch.dtype) -> None:
+    """A 16-bit pool (EngineConfig.kv_dtype) under float32 queries: the new K/V are rounded as they are
+    stored, and every path attends over the widened values, as over a float32 pool holding them."""
+    seqs, kv, q, k, v = _mixed_batch(9, 3, 64, 16, MIXED, seed=11)
+    batch = AttentionBatch.build(seqs, 16)
+    narrow, wide = kv.to(dtype), kv.to(dtype).float()
+    out = attention(q, k, v, narrow, batch, None)
+    assert out.dtype == torch.float32
+    expected = attention(q, k.to(dtype).float(), v.to(dtype).float(), wide, batch, None)
+    assert torch.equal(narrow.float(), wide)  # the same keys stored, rounded once
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, _reference(q, wide, seqs, None), atol=2e-5, rtol=1e-4)
+
+
 def test_the_paths_read_the_block_table_not_the_pool_order(path: str) -> None:
     """The same keys in another order of blocks give the same output; a wrong table does not."""
     seqs, kv, q, k, v = _mixed_batch(4, 2, 16, 16, [(70, 1), (40, 20)], seed=5)

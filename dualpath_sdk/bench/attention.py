@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -198,13 +198,7 @@ def _copy_rate() -> float:
 
 def _weight_bytes(model: Model) -> int:
     """Bytes of weights one decode step reads: every layer's, the final norm and the LM head."""
-    t = model.transformer
-    layers = sum(w.numel() * w.element_size() for layer in t.layers for w in _tensors(vars(layer)))
-    return layers + t.norm.numel() * t.norm.element_size() + t.lm_head.numel() * t.lm_head.element_size()
-
-
-def _tensors(fields: dict[str, object]) -> Iterator[torch.Tensor]:
-    return (v for v in fields.values() if isinstance(v, torch.Tensor))
+    return model.transformer.step_bytes
 
 
 def main(quick: bool) -> dict:

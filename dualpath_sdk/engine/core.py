@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dualpath_sdk.config import EngineConfig
+from dualpath_sdk.config import EngineConfig, KVDtype
 from dualpath_sdk.engine.sampler import sample
 from dualpath_sdk.engine.sequence import CachedPrefix, SamplingParams, Sequence, Status
 from dualpath_sdk.errors import ContextTooLong, InvalidInput
@@ -45,17 +45,21 @@ class Completion:
     cached_tokens: int
 
 
-def kv_layout(model: Model, block_size: int) -> KVLayout:
-    """The shape of `model`'s KV blocks, and so of its Full Blocks in every tier."""
+KV_DTYPES: dict[KVDtype, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def kv_layout(model: Model, block_size: int, kv_dtype: KVDtype = "fp32") -> KVLayout:
+    """The shape and dtype of `model`'s KV blocks, and so of its Full Blocks in every tier. The
+    activations stay in the model's dtype; K/V are rounded to `kv_dtype` as they enter the pool."""
     spec = model.spec
-    return KVLayout(spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim, model.dtype)
+    return KVLayout(spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim, KV_DTYPES[kv_dtype])
 
 
 class EngineCore:
     def __init__(self, model: Model, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
-        self.layout = kv_layout(model, self.config.block_size)
+        self.layout = kv_layout(model, self.config.block_size, self.config.kv_dtype)
         self.pool = KVPool(self.layout, self.config.num_blocks)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

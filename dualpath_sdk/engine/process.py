@@ -129,7 +129,7 @@ def _die_with_parent() -> None:
 
 def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> None:
     torch.set_num_threads(spec.threads)
-    model = load_model(spec.model)
+    model = load_model(spec.model, weights=spec.engine.weights)
     store = open_store(spec.store, node=spec.node)
     transport = open_transport(spec.transfer, node=spec.node)
     channel = _Channel(Client(address, authkey=authkey))
@@ -151,7 +151,7 @@ def engine_main(spec: EngineSpec, address: tuple[str, int], authkey: bytes) -> N
 def _worker(spec: EngineSpec, model: Model, store: BlockStore, transport: Transport, send: Send) -> Worker:
     """The spec's role, as the worker the loop drives."""
     if spec.role == "pe":
-        layout = kv_layout(model, spec.engine.block_size)
+        layout = kv_layout(model, spec.engine.block_size, spec.engine.kv_dtype)
         max_tokens = spec.engine.max_batch_tokens
         return PrefillWorker(
             spec.engine_id, model, layout, store, transport, spec.buffer_slots, max_tokens, spec.scheduler

@@ -108,9 +108,11 @@ def attention(
     batch: AttentionBatch,
     window: int | None,
 ) -> torch.Tensor:
-    """Store the new `k`/`v` (`[T, kv_heads, D]`) in `kv`, then attend; returns `[T, heads, D]`."""
+    """Store the new `k`/`v` (`[T, kv_heads, D]`) in `kv`, then attend; returns `[T, heads, D]`. Every
+    key is read back from `kv`, the new ones too, so a token's K/V is the same bits (the pool's dtype,
+    EngineConfig.kv_dtype) whether it was computed in this forward or loaded."""
     slots = kv.view(-1, *kv.shape[2:])  # [num_blocks * block_size, 2, kv_heads, D]
-    slots[batch.slot_mapping] = torch.stack([k, v], dim=1)
+    slots[batch.slot_mapping] = torch.stack([k, v], dim=1).to(kv.dtype)  # a 16-bit pool: rounded here
     return backend_for(kv.device).attend(q, kv, batch, window)
 
 

@@ -26,6 +26,7 @@ class GatherAttention:
         context = kv.index_select(0, batch.block_tables.flatten()).view(
             n_seq, max_blocks * kv.shape[1], *kv.shape[2:]
         )
+        context = context.to(q.dtype)  # a 16-bit pool: widened to the queries' dtype
         keys = context[:, :, 0].transpose(1, 2)
         values = context[:, :, 1].transpose(1, 2)
         q_index = batch.cached("gather-q-index", lambda: _q_index(batch))

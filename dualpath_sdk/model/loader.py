@@ -20,8 +20,9 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from dualpath_sdk.config import cache_dir
+from dualpath_sdk.config import WeightPrecision, cache_dir
 from dualpath_sdk.errors import InvalidInput
+from dualpath_sdk.model.quant import scheme
 from dualpath_sdk.model.spec import ModelSpec
 from dualpath_sdk.model.transformer import Transformer
 
@@ -37,29 +38,36 @@ class Model:
     spec: ModelSpec
     transformer: Transformer
     tokenizer: PreTrainedTokenizerBase | None
-    fingerprint: str  # digest of config + weights: part of every block key's namespace
+    fingerprint: str  # digest of config + weights + precision: part of every block key's namespace
 
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    @property
+    def weights(self) -> WeightPrecision:
+        return self.transformer.precision
 
-def load_model(source: str | Path | None = None, dtype: torch.dtype = torch.float32) -> Model:
-    """Load from an HF directory, a `.gguf` file, or (None) the default model."""
+
+def load_model(
+    source: str | Path | None = None, dtype: torch.dtype = torch.float32, weights: WeightPrecision = "fp32"
+) -> Model:
+    """Load from an HF directory, a `.gguf` file, or (None) the default model, its projections and LM
+    head held in `weights` (EngineConfig.weights)."""
     path = default_model_dir() if source is None else resolve_model_dir(Path(source))
     config = AutoConfig.from_pretrained(path)
     spec = ModelSpec.from_hf_config(config)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise InvalidInput(f"{path} has no .safetensors weights")
-    weights: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(f))
-    fingerprint = _fingerprint(config, weights)
+        tensors.update(load_file(f))
+    fingerprint = _fingerprint(config, tensors, weights)
     # copy out of the file's memory map: BLAS streams weights ~10% faster from anonymous memory
-    weights = {name: t.to(dtype, copy=True) for name, t in weights.items()}
+    tensors = {name: t.to(dtype, copy=True) for name, t in tensors.items()}
     try:
-        transformer = Transformer(spec, weights)
+        transformer = Transformer(spec, tensors, weights)
     except KeyError as missing:
         raise InvalidInput(f"{path}: weight {missing} is missing") from None
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
@@ -134,7 +142,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _fingerprint(config: PretrainedConfig, weights: dict[str, torch.Tensor]) -> str:
+def _fingerprint(
+    config: PretrainedConfig, weights: dict[str, torch.Tensor], precision: WeightPrecision
+) -> str:
+    """Of the file's config and weights, and (beyond fp32, whose KV it is) of the quantization scheme and
+    the kernel that runs it: KV computed under one precision's weights is never read under another's."""
     digest = xxhash.xxh3_128()
     identity = {
         k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
@@ -143,4 +155,6 @@ def _fingerprint(config: PretrainedConfig, weights: dict[str, torch.Tensor]) -> 
     for name in sorted(weights):
         digest.update(name.encode())
         digest.update(weights[name].contiguous().view(torch.uint8).numpy().data)
+    if scheme(precision):
+        digest.update(scheme(precision).encode())
     return digest.hexdigest()

@@ -65,6 +65,7 @@ class PagedAttention:
         )
         flat = kv.view(-1, *kv.shape[2:])  # [slots, 2, kv_heads, D]: blocks merge into one slot axis
         keys, values = flat[:, 0].transpose(0, 1), flat[:, 1].transpose(0, 1)  # [kv_heads, slots, D]
+        wide = kv.dtype != q.dtype  # a 16-bit pool under fp32 queries: each segment widened (a copy)
         out = torch.empty_like(q)
         for plan in plans:
             n = plan.new
@@ -73,7 +74,10 @@ class PagedAttention:
             outs, lses = [], []
             for seg in plan.segments:
                 part = slice(seg.slot, seg.slot + seg.length)
-                o, lse = _FLASH(rows, keys[None, :, part], values[None, :, part], attn_mask=seg.mask)
+                k, v = keys[None, :, part], values[None, :, part]
+                if wide:
+                    k, v = k.to(q.dtype), v.to(q.dtype)
+                o, lse = _FLASH(rows, k, v, attn_mask=seg.mask)
                 if seg.empty is not None:  # the kernel leaves an empty row at 0 with lse 0: no weight
                     lse = lse.masked_fill(seg.empty, float("-inf"))
                     o = o.masked_fill(seg.empty[..., None], 0.0)

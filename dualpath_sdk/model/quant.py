@@ -1,0 +1,263 @@
+"""Weight precisions: how a projection holds its weights and multiplies by them.
+
+`fp32` is the reference, exact against transformers. The quantized forms are weight-only:
+- `int8`: projections int8 per output channel, bf16 scales;
+- `int4`: projections int4 in groups of 32, asymmetric (GGUF's Q4_1 block: the default model's Q4_1
+  weights come back as themselves, up to their bf16 scales).
+Both keep the embedding in fp32 (a lookup reads a row, not the table) and compute the LM head in int8
+with its best logits redone in fp32 (RescoredHead). A decode step reads every weight once, so its
+linears cost the weights' bytes over memory bandwidth: int8 reads about a quarter of fp32's, int4 an
+eighth.
+
+Exactness within the engine needs a token's KV to be the same bits whichever forward computed it
+(decode, a prefill chunk, a long prefill, a batch): reuse must equal recompute. So every row count
+takes one kernel whose rows are bitwise independent of each other: csrc/quant_linear.cpp (fp32
+activations, one fused multiply-add chain per output in K order), or, where it cannot be built,
+torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: bf16 activations,
+row-independent too, measured, but 2-2.5x slower than an fp32 GEMM in prefill). The two round
+differently, so each has its own scheme in the model fingerprint (`scheme`). Not an fp32 GEMM over
+dequantized weights for prefill, as before: its sums run in another order than the kernel's, a bf16
+ulp apart in ~1e-4 of the outputs, which made reuse and recompute diverge in 1-2 of 8 chats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from dualpath_sdk.config import WeightPrecision
+from dualpath_sdk.errors import InvalidInput
+
+GROUP = 32  # GGUF's Q4_1 block, and the int4 kernel's smallest group
+RESCORED = 32  # logits of the int8 head recomputed in fp32 (RescoredHead)
+SCHEMES: dict[WeightPrecision, str] = {  # part of the model fingerprint: a new scheme is new KV
+    "fp32": "",
+    "int8": "projections int8 per channel bf16 scales",
+    "int4": "projections int4 g32 asymmetric least-squares bf16 scales",
+}
+_KERNELS = {True: "csrc fma chains, fp32 activations, v2", False: "torch packed, bf16 activations, v2"}
+
+
+def _ops() -> Any | None:
+    from dualpath_sdk.model.kernel import quant_ops
+
+    return quant_ops()
+
+
+def scheme(precision: WeightPrecision) -> str:
+    """What decides the bytes of KV computed under `precision`'s weights here: the quantization and the
+    kernel that multiplies by it ("" for fp32, whose KV keys stay as they were)."""
+    if not SCHEMES[precision]:
+        return ""
+    return f"{SCHEMES[precision]}; {_KERNELS[_ops() is not None]}"
+
+
+class Projection(Protocol):
+    """`x @ W.T (+ b)`. `x` comes in `dtype`, the one the multiplication runs in, and so does the result
+    (or the bias's, wider): the caller casts only where the next op needs it, an add with fp32 promotes
+    by itself."""
+
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one multiplication reads of the weights (the decode step's floor)."""
+        ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class Head(Projection, Protocol):
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of W, in the model's dtype: the embedding lookup of a tied LM head."""
+        ...
+
+
+class Linear:
+    """`y = x @ W.T + b` with W in the model's dtype: the fp32 reference."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+        self.dtype = weight.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class Int8Linear:
+    """int8 per output channel with bf16 scales, `y = scale * sum(x * q)`: csrc's `int8_linear` (weights
+    as `[out / 16, in, 16]`, fp32 activations), else `_weight_int8pack_mm` (bf16 ones)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        n, k = weight.shape
+        self._ops = _ops()
+        if n % 16 or (self._ops is None and k % 16):  # torch's kernel reads K in steps of 16
+            raise InvalidInput(f"int8 weights need in and out features divisible by 16, not {n}x{k}")
+        w = weight.float()
+        self.scale = (w.abs().amax(1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+        self.q = (w / self.scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        if self._ops is not None:
+            self.dtype = torch.float32
+            self.q = self.q.view(n // 16, 16, k).transpose(1, 2).contiguous()
+            self.scale = self.scale.float()
+        else:
+            self.dtype = torch.bfloat16
+        self.bias = bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    def weight(self) -> torch.Tensor:
+        """The fp32 weights the kernel multiplies by, `[out, in]` (scaled after the sum, in it)."""
+        q = self.q if self._ops is None else self.q.transpose(1, 2).reshape(-1, self.q.shape[1])
+        return q.float() * self.scale.float()[:, None]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ops is not None:
+            y = self._ops.int8_linear(x.contiguous(), self.q, self.scale)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear:
+    """int4 in groups of GROUP, asymmetric (Q4_1's levels, min to max in 15 steps): `w = q * scale +
+    offset`, `q` in 0..15, one bf16 scale and zero per group (the offset exact in fp32). csrc's
+    `int4_linear` (nibbles `[out / 16, in / 2, 16]`, scale and offset `[out / 16, in / 32, 16]`, fp32
+    activations), else `_weight_int4pack_mm_for_cpu` in its own CPU-specific packing (bf16 ones)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        n, k = weight.shape
+        if k % GROUP or n % 16:
+            raise InvalidInput(
+                f"int4 weights need in_features divisible by {GROUP}, out_features by 16: {n}x{k}"
+            )
+        groups = weight.float().view(n, k // GROUP, GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        step = ((high - low) / 15).clamp(min=1e-12)
+        levels = ((groups - low[..., None]) / step[..., None]).round().clamp(0, 15) - 8
+        scale, zero = _fit_bf16(groups, levels, step, low + 8 * step)
+        q = (levels + 8).view(n, k).to(torch.uint8)
+        # w = q * scale + offset: the same fp32 values (bf16 scale and zero: every term exact)
+        self.scale, self.offset = scale, zero - 8 * scale
+        self._ops = _ops()
+        self.dtype = torch.bfloat16 if self._ops is None else torch.float32
+        if self._ops is not None:
+
+            def blocked(t: torch.Tensor) -> torch.Tensor:  # [out, m] -> [out / 16, m, 16]
+                return t.view(n // 16, 16, -1).transpose(1, 2).contiguous()
+
+            self.packed = blocked(q[:, 0::2] | (q[:, 1::2] << 4))
+            self.params: tuple[torch.Tensor, ...] = (blocked(scale), blocked(self.offset))
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+            self.params = (torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16),)
+        self.bias = bias
+        self._levels = q if self._ops is None else None  # for weight(): torch's packing is opaque
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + sum(p.nbytes for p in self.params)
+
+    def weight(self) -> torch.Tensor:
+        """The fp32 weights the kernel multiplies by, `[out, in]`."""
+        if self._levels is not None:
+            q = self._levels
+        else:
+            nibbles = self.packed.transpose(1, 2).reshape(len(self.scale), -1)
+            q = torch.stack([nibbles & 15, nibbles >> 4], -1).view(len(nibbles), -1)
+        w = q.float().view(len(q), -1, GROUP)
+        return torch.addcmul(self.offset[..., None], w, self.scale[..., None]).view(len(q), -1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._ops is not None:
+            y = self._ops.int4_linear(x.contiguous(), self.packed, *self.params)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, *self.params)
+        return y if self.bias is None else y + self.bias
+
+
+class RescoredHead:
+    """The quantized forms' LM head: int8 per channel for all the logits, then the RESCORED best of
+    them recomputed from the fp32 weights (also the embedding's rows), per row (no batched GEMM whose
+    sums could depend on the batch). Greedy picks, and the head of
+    a sampled distribution, are then the fp32 head's: the int8 head alone flipped 2% of the forced
+    top-1 picks on the default model; the fp32 head costs 3x its time (113 MB a step, not 28)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.dtype = weight, weight.dtype
+        self.approx = Int8Linear(weight, None)
+
+    @property
+    def nbytes(self) -> int:
+        return self.approx.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.approx(x.to(self.approx.dtype)).float()
+        best = logits.topk(min(RESCORED, logits.shape[-1]), dim=-1).indices  # [N, RESCORED]
+        exact = (self.weight[best] * x.float()[:, None, :]).sum(-1)
+        return logits.scatter_(-1, best, exact.float())
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def _fit_bf16(
+    groups: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 scale and zero per group for which `levels * scale + zero` fits `groups` best in least
+    squares, of the bf16 values next to the exact `scale` and, for each, next to its best zero.
+    Rounding both to nearest left a Q4_1 file's weights ~6% of a step off, this ~1%: int4's KL to
+    fp32 3x lower. A candidate's error is a quadratic form in its offsets from the exact pair over
+    per-group sums (small numbers: no cancellation), so no candidate touches the weights."""
+    residual = groups - (levels * scale[..., None] + zero[..., None])
+    count = groups.shape[-1]
+    sum_l, sum_ll = levels.sum(-1), levels.pow(2).sum(-1)
+    pull_l, pull_1 = (levels * residual).sum(-1), residual.sum(-1)
+    best_scale, best_zero, best_err = scale, zero, torch.full_like(scale, float("inf"))
+    for s in _bf16_around(scale):
+        ds = s - scale
+        for z in _bf16_around(zero + (pull_1 - sum_l * ds) / count):
+            dz = z - zero
+            err = sum_ll * ds**2 + 2 * sum_l * ds * dz + count * dz**2 - 2 * (pull_l * ds + pull_1 * dz)
+            better = err < best_err
+            best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, z, best_zero)
+            best_err = torch.minimum(err, best_err)
+    return best_scale, best_zero
+
+
+def _bf16_around(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`x` rounded to bf16 and its two bf16 neighbours, as fp32."""
+    b = x.to(torch.bfloat16)
+    up, down = torch.full_like(b, float("inf")), torch.full_like(b, float("-inf"))
+    return tuple(v.float() for v in (torch.nextafter(b, down), b, torch.nextafter(b, up)))
+
+
+def projection(
+    precision: WeightPrecision, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]
+) -> Projection:
+    """One linear over projections that read the same input (q/k/v; gate/up), outputs side by side:
+    one call instead of three (or two) per layer, and q, k adjacent for one RoPE pass."""
+    weight = torch.cat(list(weights)) if len(weights) > 1 else weights[0]
+    bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
+    if precision == "int8":
+        return Int8Linear(weight, bias)
+    if precision == "int4":
+        return Int4Linear(weight, bias)
+    return Linear(weight, bias)
+
+
+def head(precision: WeightPrecision, weight: torch.Tensor) -> Head:
+    """The LM head (and tied embedding table): fp32, or rescored int8 in both quantized forms."""
+    return Linear(weight, None) if precision == "fp32" else RescoredHead(weight)
