@@ -19,19 +19,45 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 
 from dualpath_sdk.config import Mode, SchedulerConfig
 from dualpath_sdk.scheduler import Decision, Pipeline, PrefillWork, Request, Scheduler, derive_thresholds
+from dualpath_sdk.sim.ablation import AblationScheduler, Features
+from dualpath_sdk.sim.balance import Balance
 from dualpath_sdk.sim.candidates import SimReports
 from dualpath_sdk.sim.core import KV, MODEL, EventLoop, Job
 from dualpath_sdk.sim.costs import ModelCost
 from dualpath_sdk.sim.engines import DecodeEngine, PrefillEngine, SimRequest, build
 from dualpath_sdk.sim.metrics import Metrics
 from dualpath_sdk.sim.presets import Preset
+from dualpath_sdk.sim.store import SessionStore
 from dualpath_sdk.sim.workload import Trajectories
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What a run adds to the paper's setup; the defaults are the paper's (and change nothing).
+
+    `features`: an ablation step (ablation.py) instead of the mode's own parts. `tool_latency_s`: the gap
+    between a call's end and the agent's next call. `storage_blocks`: KV storage capacity in blocks (None:
+    unbounded, the paper's), with session pins lasting `pin_ttl_s` after each call (0: none; 3600 s is the
+    SDK's default session TTL). `working_set`: track the KV the agents' histories hold. `sample_s`: the
+    window of the load-balance figures (balance.py; 0: off).
+    """
+
+    features: Features | None = None
+    tool_latency_s: float = 0.0
+    storage_blocks: int | None = None
+    pin_ttl_s: float = 3600.0
+    working_set: bool = False
+    sample_s: float = 0.0
+
+
+PAPER_SETUP = Options()
 
 
 class Simulation:
@@ -47,6 +73,7 @@ class Simulation:
         config: SchedulerConfig | None = None,
         block_tokens: int = 64,
         stop_calls_at: float = math.inf,
+        options: Options = PAPER_SETUP,
     ) -> None:
         hw, model = preset.hardware, preset.model
         self.preset = preset
@@ -67,25 +94,40 @@ class Simulation:
         self._pending = False
         self._dirty: dict[int, None] = {}  # DE groups whose memory was freed since the last pass
         self._seq = itertools.count()
+        self.options = options
+        self.tool_latency_s = options.tool_latency_s
+        agents = len(self.starts)
+        self.store = (
+            None
+            if options.storage_blocks is None
+            else SessionStore(agents, options.storage_blocks, options.pin_ttl_s)
+        )
+        self._history = [0] * agents if options.working_set or self.store else None
 
         cfg = config or SchedulerConfig()
         snic_tok_rate = hw.snic_bps / self.kv
         prefill_rate = self.cost.prefill_rate(traj, block_tokens)
         thresholds = derive_thresholds(cfg, snic_tok_rate, prefill_rate)
-        self.scheduler = Scheduler(cfg, thresholds, self.cost.attention_model(), mode)
+        features = options.features
+        if features is None:
+            self.scheduler = Scheduler(cfg, thresholds, self.cost.attention_model(), mode)
+        else:
+            self.scheduler = AblationScheduler(cfg, thresholds, self.cost.attention_model(), features)
         self.pipeline = Pipeline(self.scheduler, block_tokens, snic_tok_rate)
         self.skips_io = self.scheduler.skips_io
 
         self.nodes, self.pes, self.des = build(self.loop, preset)
         # dualpath and oracle pick by argmin, so the pipeline needs only the candidates that can win
-        self.reports = SimReports(
-            self.nodes, self.pes, self.queue, thresholds.alpha, thresholds.beta, narrow=mode != "basic"
-        )
+        narrow = features.scheduler if features else mode != "basic"
+        self.reports = SimReports(self.nodes, self.pes, self.queue, thresholds.alpha, thresholds.beta, narrow)
+        self.balance = Balance(self, options.sample_s) if options.sample_s > 0 else None
 
     # --- run ---------------------------------------------------------------------------------------------
 
     def run(self) -> Metrics:
         self.reports.start()
+        if self.balance:
+            self.balance.start()
         for agent, t in enumerate(self.starts):
             self.loop.at(t, self._arrive, self._call(agent, 0, 0, 0))
         self.loop.run()
@@ -93,15 +135,22 @@ class Simulation:
 
     def _call(self, agent: int, call: int, prev_tokens: int, prev_gen: int) -> SimRequest:
         if call == 0:
-            return SimRequest(agent, 0, self.first_prompt[agent], 0, self.gen[agent][0])
-        history = prev_tokens + prev_gen
-        return SimRequest(
-            agent,
-            call,
-            history + self.append[agent][call],
-            history // self.bt * self.bt,  # whole blocks: the paper's cache (module docstring)
-            self.gen[agent][call],
-        )
+            tokens, cached = self.first_prompt[agent], 0
+        else:
+            history = prev_tokens + prev_gen
+            tokens = history + self.append[agent][call]
+            cached = history // self.bt * self.bt  # whole blocks: the paper's cache (module docstring)
+        if self.store:
+            m = self.metrics
+            m.prompt_tokens += tokens
+            m.history_tokens += cached
+            cached = self.store.lookup(agent, cached // self.bt) * self.bt
+            m.hit_tokens += cached
+        return SimRequest(agent, call, tokens, cached, self.gen[agent][call])
+
+    def _next_call(self, arg: tuple[int, int, int, int]) -> None:
+        """The agent's tool ran `tool_latency_s`: its next call arrives."""
+        self._arrive(self._call(*arg))
 
     def _arrive(self, r: SimRequest) -> None:
         r.arrival = self.loop.now
@@ -121,8 +170,10 @@ class Simulation:
         changed, self._dirty = self._dirty, {}
         done = self.pipeline.place(self.queue, self.reports, changed)
         reports = self.reports
+        now = self.loop.now
         for w in done.fetched:
             r = cast(SimRequest, self.queue.popleft().request_id)
+            r.t_fetch = now
             e = r.pe = self.pes[cast(int, w.pe)]
             e.tok_e += r.tokens
             e.seq_e += 1
@@ -165,6 +216,8 @@ class Simulation:
 
     def _read_done(self, r: SimRequest) -> None:
         r.t_ready = self.loop.now
+        if self.store and r.call:
+            self.store.read_done(r.agent, r.t_ready)
         if r.pe_tok:
             self.reports.add_read_q(r.pe.node, -r.pe_tok)
         if r.de_tok:
@@ -183,6 +236,8 @@ class Simulation:
         e.compute_s = self.preset.model.prefill_overhead_s + sum(
             self.cost.prefill_s(r.cached + r.done, n) for r, n in e.batch
         )
+        if self.balance:
+            self.balance.attention(e, sum(self.cost.attention_s(r.cached + r.done, n) for r, n in e.batch))
         if self.scheduler.layerwise:
             self._launch(e, True, True, True, self._after_layers)
         else:
@@ -315,11 +370,32 @@ class Simulation:
         m.arrival.append(r.arrival)
         m.ttft.append(r.t_first - r.arrival)
         m.read.append(r.t_ready - r.t_read)
+        m.wait.append(r.t_fetch - r.arrival)
+        m.alloc.append(r.t_read - r.t_fetch)
+        m.handoff.append(r.t_join - r.t_first)
         m.tpot.append((now - r.t_join) / (r.gen - 1) if r.gen > 1 else 0.0)
         m.persisted_bytes += ((r.tokens + r.gen) // self.bt * self.bt - r.cached) * self.kv
-        if r.call + 1 < self.calls and now < self.stop_calls_at:
-            self._arrive(self._call(r.agent, r.call + 1, r.tokens, r.gen))
-        else:
+        more = r.call + 1 < self.calls and now < self.stop_calls_at
+        if self._history is not None:
+            self._persisted(r, more)
+        if not more:
             m.agents_done += 1
             m.last_done = now
+        elif self.tool_latency_s:
+            self.loop.at(now + self.tool_latency_s, self._next_call, (r.agent, r.call + 1, r.tokens, r.gen))
+        else:
+            self._arrive(self._call(r.agent, r.call + 1, r.tokens, r.gen))
         self._kick()
+
+    def _persisted(self, r: SimRequest, more: bool) -> None:
+        """The call's history is stored (as far as the store has room): the working set moves, by the KV
+        an agent that will call again keeps in storage (an unbounded store's content)."""
+        blocks = (r.tokens + r.gen) // self.bt
+        if self.store:
+            now = self.loop.now
+            self.store.commit(
+                r.agent, blocks, r.cached // self.bt, now, r.t_ready if r.cached else now, not more
+            )
+        history = cast(list[int], self._history)
+        self.metrics.working_set(self.loop.now, (blocks if more else 0) - history[r.agent])
+        history[r.agent] = blocks if more else 0

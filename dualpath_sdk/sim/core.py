@@ -133,6 +133,15 @@ class Link:
     def active(self, cls: int) -> int:
         return len(self._heaps[cls])
 
+    def served_until(self, now: float) -> float:
+        """Bytes served by `now`, both classes, without moving the clocks (an observer must not round
+        them differently from the run)."""
+        dt = now - self._last
+        served = self.served[0] + self.served[1]
+        if dt > 0:
+            served += self._rate[0] * dt * len(self._heaps[0]) + self._rate[1] * dt * len(self._heaps[1])
+        return served
+
     def _advance(self, now: float) -> None:
         dt = now - self._last
         if dt > 0:

@@ -25,6 +25,9 @@ class ModelCost:
         keys = min(mean_ctx, self.m.attn_topk) if self.m.attn_topk else mean_ctx
         return new * (self.m.attn_flops_per_pair * keys + self.m.index_flops_per_pair * mean_ctx)
 
+    def attention_s(self, ctx: int, new: int) -> float:
+        return self.attention_flops(ctx, new) / self.flops
+
     def prefill_s(self, ctx: int, new: int) -> float:
         return (2 * self.m.active_params * new + self.attention_flops(ctx, new)) / self.flops
 

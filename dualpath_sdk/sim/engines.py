@@ -25,6 +25,7 @@ class SimRequest:
         "pe",
         "pe_tok",
         "request",
+        "t_fetch",
         "t_first",
         "t_join",
         "t_read",
@@ -40,6 +41,7 @@ class SimRequest:
         self.gen = gen
         self.request = Request(self, tokens, cached, gen)
         self.arrival = 0.0
+        self.t_fetch = 0.0  # its PE and DE group chosen: it left the global queue
         self.t_first = 0.0
         self.t_join = 0.0
         self.t_read = 0.0  # PE and DE chosen: the storage read starts

@@ -49,6 +49,8 @@ class Preset:
     de_nodes: int
     workload: str = "64K"
     hardware: Hardware = Hardware()
+    append: int | None = None  # mean appended tokens per call (None: the workload table's)
+    gen: int | None = None  # mean generated tokens per call (None: the table's)
 
     def scaled(self, factor: int) -> Preset:
         return replace(

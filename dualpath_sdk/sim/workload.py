@@ -38,6 +38,18 @@ SHAPES: dict[str, WorkloadShape] = {
 }
 
 
+def shape(name: str, append: int | None = None, gen: int | None = None) -> WorkloadShape:
+    """The table's workload `name`, with other mean append and generation lengths per call when given
+    (a sweep): same calls and first prompt, so the totals grow with them."""
+    base = SHAPES[name]
+    if append is None and gen is None:
+        return base
+    a, g = append or base.append, gen or base.gen
+    total = base.first_prompt + base.calls * (a + g)
+    context = base.context + (total - base.total) // 2
+    return WorkloadShape(base.max_len, base.turns, a, g, total, context)
+
+
 @dataclass(slots=True)
 class Trajectories:
     """Per agent: first prompt, and per call the appended and generated token counts."""
