@@ -35,10 +35,10 @@ demo: $(STAMP)
 	$(VENV)/bin/dualpath demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	tests/isolated.sh $(PY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	tests/isolated.sh $(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dualpath_sdk tests integrations examples

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import os
 import shutil
 import subprocess
 import threading
@@ -28,6 +29,13 @@ from dualpath_sdk.errors import EngineUnavailable, InvalidInput
 from tests.conftest import Pair, hf_greedy
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (make test installs it)")
+IP = os.environ.get("DUALPATH_TEST_NODE_IP")  # the private network namespace's address (tests/isolated.sh)
+if IP is None:
+    pytest.skip(
+        "Ray's servers listen on every interface: these tests run only in the private network namespace "
+        "that `make test` makes as root (tests/isolated.sh)",
+        allow_module_level=True,
+    )
 if importlib.util.find_spec("mooncake") is None:
     pytest.skip("cluster mode needs mooncake-transfer-engine-non-cuda", allow_module_level=True)
 
@@ -56,10 +64,10 @@ def _options(pair: Pair, store: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ray_nodes() -> Iterator[RayNodes]:
-    nodes = RayNodes(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes = RayNodes(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": IP})
     for _ in range(RAYLETS - 1):
-        nodes.add_node(num_cpus=1)
-    ray.init(address=nodes.address)
+        nodes.add_node(num_cpus=1, node_ip_address=IP)
+    ray.init(address=nodes.address, _node_ip_address=IP)
     nodes.wait_for_nodes()
     yield nodes
     ray.shutdown()

@@ -20,7 +20,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (make te
 
 from ray.cluster_utils import Cluster as RayNodes  # noqa: E402
 
-from tests.test_ray import NEW_TOKENS, _launcher, _options, _turn  # noqa: E402
+from tests.test_ray import IP, NEW_TOKENS, _launcher, _options, _turn  # noqa: E402
 
 pytestmark = pytest.mark.slow
 COME_BACK_S = 180.0
@@ -29,10 +29,10 @@ COME_BACK_S = 180.0
 @pytest.fixture(scope="module")
 def ray_nodes() -> Iterator[RayNodes]:
     """A head with no CPUs (nothing of ours lands on it: it can stay) and three 1-CPU nodes."""
-    nodes = RayNodes(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = RayNodes(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": IP})
     for _ in range(3):
-        nodes.add_node(num_cpus=1)
-    ray.init(address=nodes.address)
+        nodes.add_node(num_cpus=1, node_ip_address=IP)
+    ray.init(address=nodes.address, _node_ip_address=IP)
     nodes.wait_for_nodes()
     yield nodes
     ray.shutdown()
@@ -64,7 +64,8 @@ def test_a_lost_ray_node_fails_over_and_its_engine_returns_with_a_new_node(
             assert result.token_ids == hf_greedy(tiny_llama, prompt, NEW_TOKENS), f"turn {turn}"
         _until("pe1 found dead", lambda: not cluster.health()["pe1"])
         assert cluster.health()["pe0"] and cluster.health()["de0"]
-        joined = ray_nodes.add_node(num_cpus=1)  # its bundle is placed again there, and Ray restarts pe1
+        # its bundle is placed again on the node that joins, and Ray restarts pe1 there
+        joined = ray_nodes.add_node(num_cpus=1, node_ip_address=IP)
         _until("pe1 back on the new node", lambda: cluster.health()["pe1"])
         assert _launcher(cluster).ray_nodes()["pe1"] == joined.node_id
         for turn in range(5, 8):  # and it serves on
@@ -77,7 +78,7 @@ def test_a_lost_ray_node_fails_over_and_its_engine_returns_with_a_new_node(
 
 def test_a_nodes_engines_share_its_ray_node(ray_nodes: RayNodes, tiny_llama: Pair, tmp_path: Path) -> None:
     for _ in range(2):  # room for two engines on one node: 2 CPUs
-        ray_nodes.add_node(num_cpus=2)
+        ray_nodes.add_node(num_cpus=2, node_ip_address=IP)
     with Cluster.ray(engines_per_node=2, **_options(tiny_llama, tmp_path)) as cluster:
         launcher = _launcher(cluster)
         placed = launcher.ray_nodes()
