@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	-$(PY) -m pip install -q -e '.[mooncake]'
 	@if ! command -v g++ >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++; fi
-	$(PY) -c "from dualpath_sdk.model.kernel import kernel_op; kernel_op()"  # csrc/, once (else torch's path)
+	$(PY) -c "from dualpath_sdk.model.kernel import kernel_op, quant_ops; kernel_op(); quant_ops()"  # csrc/, once (else torch's path)
 	@if ! ldconfig -p | grep -q 'libibverbs.so.1 '; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; \
