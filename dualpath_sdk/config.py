@@ -94,6 +94,9 @@ class StoreConfig(_Config):
         default=64 << 20, ge=0, description="free space block writes leave (manifests stay writable)"
     )
     index_journal: Literal["WAL", "DELETE"] = "WAL"
+    index: Literal["sqlite", "shared"] = Field(
+        default="sqlite", description="fs: sqlite (one host's processes) or shared (hosts sharing root)"
+    )
     snic_read_bps: float | None = Field(default=None, gt=0)
     snic_write_bps: float | None = Field(default=None, gt=0)
     mooncake: MooncakeConfig = MooncakeConfig()

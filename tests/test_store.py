@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -71,11 +72,13 @@ def holds(block: FullBlock, key: BlockKey) -> bool:
 StoreFactory = Callable[..., BlockStore]
 
 
-def _make_fs(tmp_path: Path) -> Iterator[StoreFactory]:
+def _make_fs(tmp_path: Path, index: Literal["sqlite", "shared"] = "sqlite") -> Iterator[StoreFactory]:
     opened: list[BlockStore] = []
 
     def make(capacity_bytes: int | None = None, clock: Callable[[], float] = time.time) -> BlockStore:
-        store = FsStore(tmp_path / "store", capacity_bytes=capacity_bytes, read_threads=4, clock=clock)
+        store = FsStore(
+            tmp_path / "store", capacity_bytes=capacity_bytes, read_threads=4, clock=clock, index=index
+        )
         opened.append(store)
         return store
 
@@ -140,10 +143,14 @@ def _make_mooncake(tmp_path: Path) -> Iterator[StoreFactory]:
         log.close()
 
 
-@pytest.fixture(params=["fs", "mooncake"])
+@pytest.fixture(params=["fs", "fs-shared", "mooncake"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """Yields a factory of stores of one backend; each backend runs the same suite."""
-    yield from {"fs": _make_fs, "mooncake": _make_mooncake}[request.param](tmp_path)
+    """Yields a factory of stores of one backend (fs-shared: the fs backend with the index hosts can
+    share); each runs the same suite."""
+    if request.param == "fs-shared":
+        yield from _make_fs(tmp_path, "shared")
+    else:
+        yield from {"fs": _make_fs, "mooncake": _make_mooncake}[request.param](tmp_path)
 
 
 # -- every backend ------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1, as each engine process runs)"
     )
+    parser.add_argument("--ray", action="store_true", help="cluster: local mode against Ray (needs a netns)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     module = importlib.import_module(f"dualpath_sdk.bench.{args.name}")
-    figures = module.main(quick=args.quick)
+    figures = module.main(quick=args.quick, **({"ray": True} if args.ray else {}))
     print(
         json.dumps(
             {"benchmark": args.name, "quick": args.quick, "threads": args.threads, **figures}, sort_keys=True

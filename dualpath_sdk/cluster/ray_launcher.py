@@ -266,9 +266,12 @@ def on_node(spec: EngineSpec, ip: str) -> EngineSpec:
 
 def on_host(store: StoreConfig, ip: str) -> StoreConfig:
     """The store as a client on `ip` uses it: the mooncake store's client on that address, its master
-    not on loopback (fs: a directory every host mounts at the same path)."""
+    not on loopback, its pins' index journalled without shared memory; fs: a directory every host
+    mounts at the same path, with the index that hosts can share (store/shared_index.py)."""
     if store.backend != "mooncake":
-        return store
+        return store.model_copy(update={"index": "shared"})
+    # its pins' SQLite index sits in the shared root too: WAL needs one host's shared memory
+    store = store.model_copy(update={"index_journal": "DELETE"})
     master = store.mooncake.master_address.rsplit(":", 1)[0].strip("[]")
     with contextlib.suppress(ValueError):
         if ipaddress.ip_address(master).is_loopback:

@@ -27,6 +27,7 @@ def open_store(config: StoreConfig, node: str = "node0") -> BlockStore:
         limiter=limiter,
         index_journal=config.index_journal,
         reserve_bytes=config.reserve_bytes,
+        index=config.index,
     )
 
 

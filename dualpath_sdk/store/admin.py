@@ -139,7 +139,9 @@ class StoreAdmin:
         self.config = config
         self.root = root
         self.clock = clock
-        self.store = FsStore(root, read_threads=1, index_journal=config.index_journal, clock=clock)
+        self.store = FsStore(
+            root, read_threads=1, index_journal=config.index_journal, clock=clock, index=config.index
+        )
         self.manifests = ManifestStore(root / "sessions", clock=clock)
 
     # ---- sessions ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dualpath_sdk.kv.block import FullBlock
 from dualpath_sdk.kv.keys import BlockKey
 from dualpath_sdk.store.aligned import aligned_empty
 from dualpath_sdk.store.index import BlockIndex
+from dualpath_sdk.store.shared_index import SharedIndex
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,11 @@ class Counters:
 class BlockStore(ABC):
     """A persistent store of Full Blocks keyed by block key, with pins, a capacity and LRU eviction.
 
-    Pins, recency and sizes live in a BlockIndex (shared by the node's processes) whatever the
-    backend; a backend stores and deletes the bytes.
+    Pins, recency and sizes live in an index (SQLite, shared by one host's processes, or the fs
+    backend's files, shared by hosts); a backend stores and deletes the bytes.
     """
 
-    index: BlockIndex
+    index: BlockIndex | SharedIndex
     capacity_bytes: int | None
 
     def __init__(self, read_threads: int) -> None:

@@ -5,8 +5,9 @@ a whole block moves in one preadv, with O_DIRECT where the file system allows it
 block's payload is its packed rows, store/backend.py: a shorter file). A block becomes visible
 only when complete: written to tmp/, fsynced, renamed into blocks/<first key byte>/, that
 directory fsynced. The 256 shard directories are made (and made durable) once, when a store opens.
-Files are the truth for presence; the shared SQLite index (index.py) holds sizes, LRU order and
-pins. Everything the store creates is owner-only (dualpath_sdk/fsutil.py: directories 0o700, files
+Files are the truth for presence; the index holds sizes, LRU order and pins: SQLite (index.py), shared
+by one host's processes, or files only (shared_index.py) for a directory several hosts mount (cluster
+mode). Everything the store creates is owner-only (dualpath_sdk/fsutil.py: directories 0o700, files
 0o600). The index is written after the rename, so a crash in between leaves a block only eviction
 does not see; `_recover` re-adds such blocks when the index itself is lost.
 A block write that would leave the file system with less than `reserve_bytes` free is refused
@@ -26,6 +27,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -38,6 +40,7 @@ from dualpath_sdk.store.backend import BlockStore
 from dualpath_sdk.store.header import HEADER_BYTES, decode_header, encode_header
 from dualpath_sdk.store.index import BlockIndex, Clock
 from dualpath_sdk.store.limiter import StorageNicLimiter
+from dualpath_sdk.store.shared_index import SharedIndex
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 log = logging.getLogger(__name__)
@@ -56,7 +59,9 @@ class FsStore(BlockStore):
         index_journal: str = "WAL",
         clock: Clock = time.time,
         reserve_bytes: int = 0,
+        index: Literal["sqlite", "shared"] = "sqlite",
     ) -> None:
+        """`index`: "sqlite" (one host's processes) or "shared" (hosts sharing `root`: shared_index.py)."""
         super().__init__(read_threads)
         self.root = Path(root)
         self.capacity_bytes = capacity_bytes
@@ -69,10 +74,16 @@ class FsStore(BlockStore):
             make_private_dirs(self.root / sub)
         _fsync_dir(self.root / "blocks")
         _fsync_dir(self.root)
-        index_path = self.root / "index.sqlite"
-        fresh_index = not index_path.exists()
-        self.index = BlockIndex(index_path, clock, index_journal)
-        self._recover(fresh_index)
+        self.shared = index == "shared"
+        if self.shared:
+            self.index: BlockIndex | SharedIndex = SharedIndex(self.root, self.path_of, clock)
+            self.index.recover(_alive)
+            self._recover(False)
+        else:
+            index_path = self.root / "index.sqlite"
+            fresh_index = not index_path.exists()
+            self.index = BlockIndex(index_path, clock, index_journal)
+            self._recover(fresh_index)
 
     # -- layout -------------------------------------------------------------------------------------
     def path_of(self, key: BlockKey) -> Path:
@@ -203,6 +214,9 @@ class FsStore(BlockStore):
             buffers = [head, payload[:main]] + ([tail] if main < nbytes else [])
             got = os.preadv(fd, buffers, 0)
         except OSError as exc:
+            if exc.errno == errno.ESTALE:  # evicted by another host while open (NFS): a miss
+                self.counters.add(misses=1)
+                return False
             raise StorageError(f"reading block {key.hex()} from {self.root}: {exc}") from exc
         finally:
             os.close(fd)
@@ -240,8 +254,9 @@ class FsStore(BlockStore):
         return self.path_of(key).exists()
 
     def _delete(self, keys: Sequence[BlockKey]) -> None:
-        for key in keys:
-            self.path_of(key).unlink(missing_ok=True)
+        if not self.shared:  # the shared index deleted them itself (rename, pin re-check, unlink)
+            for key in keys:
+                self.path_of(key).unlink(missing_ok=True)
         self.counters.add(evicted=len(keys))
 
     def _recover(self, fresh_index: bool) -> None:

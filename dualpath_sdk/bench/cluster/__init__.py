@@ -107,7 +107,12 @@ def _vocab() -> int:
     return int(AutoConfig.from_pretrained(default_model_dir()).vocab_size)
 
 
-def main(quick: bool) -> Figures:
+def main(quick: bool, ray: bool = False) -> Figures:
+    """`ray`: the offline rows through local mode and through Ray instead (on_ray.py)."""
+    if ray:
+        from dualpath_sdk.bench.cluster.on_ray import main as through_ray
+
+        return through_ray(quick)
     console = Console(width=None if sys.stdout.isatty() else 160)  # the offline table has 12 columns
     out = Path(tempfile.mkdtemp(prefix="dualpath-bench-cluster-"))
     figures: Figures = {"snic_mb_s": SNIC_BPS / 1e6}

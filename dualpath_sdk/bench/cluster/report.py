@@ -199,8 +199,8 @@ def latency_table(console: Console, title: str, runs: list[Run]) -> Figures:
     return figures
 
 
-def saved(figures: Figures) -> Figures:
-    FIGURES.parent.mkdir(exist_ok=True)
-    FIGURES.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
-    Console().print(f"figures: {FIGURES}")
+def saved(figures: Figures, path: Path = FIGURES) -> Figures:
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+    Console().print(f"figures: {path}")
     return figures

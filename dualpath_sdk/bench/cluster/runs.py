@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dualpath_sdk.api.cluster import Cluster
 from dualpath_sdk.api.session import StepResult
@@ -70,6 +71,13 @@ def _config(root: Path, topology: str, row: str, cap: float | None, slots: int) 
         store=StoreConfig(root=root, snic_read_bps=cap),
         buffer_slots=slots,
     )
+
+
+def _fields(config: ClusterConfig) -> dict[str, Any]:
+    """`config` as Cluster.ray's arguments (its storage the same StoreConfig)."""
+    fields = {name: getattr(config, name) for name in config.model_fields_set}
+    fields["storage"] = fields.pop("store")
+    return fields
 
 
 def _step(cluster: Cluster, agent: Agent, turn: int) -> StepResult:
@@ -140,13 +148,16 @@ def run(
     arrivals: list[float] | None = None,
     cap: float = SNIC_BPS,
     repeat: int = 0,
+    on_ray: bool = False,
 ) -> Run:
-    """One timed run: a fresh copy of the primed store, a capped cluster, every agent's turns 1.."""
+    """One timed run: a fresh copy of the primed store, a capped cluster (`on_ray`: through Cluster.ray,
+    on the Ray cluster this process is connected to), every agent's turns 1.."""
     work = primed.parent / f"{topology}-{row}"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(primed, work)
+    config = _config(work, topology, row, cap, slots)
     try:
-        with Cluster(_config(work, topology, row, cap, slots)) as cluster:
+        with Cluster.ray(**_fields(config)) if on_ray else Cluster(config) as cluster:
             samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
             done = threading.Event()
 
