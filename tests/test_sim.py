@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import replace
 
@@ -14,6 +13,7 @@ from dualpath_sdk.scheduler import (
     EngineReport,
     Pass,
     Pipeline,
+    Reports,
     Request,
     Thresholds,
     choose_de_group,
@@ -253,17 +253,26 @@ def test_ranking_candidates_give_the_full_choice(seed: int) -> None:
     assert [g for _, g in choose_de_group(queue, few)] == [g for _, g in choose_de_group(queue, groups)]
 
 
-class CheckedPipeline:
-    """The simulator's pipeline, each pass also run on the full reports: both must decide alike."""
+class CheckedPipeline(Pipeline):
+    """The simulator's pipeline, each pass also run on the full reports: both must decide alike.
+
+    A Pipeline itself, and the full reports are built rather than copied: the simulator's attributes
+    are typed, and checked at runtime when its modules are compiled (sim/build.py).
+    """
 
     def __init__(self, pipeline: Pipeline, reports: SimReports) -> None:
+        super().__init__(pipeline.scheduler, pipeline.block_tokens, pipeline.read_tps)
         self.pipeline = pipeline
-        self.full = copy.copy(reports)  # the same engines and queues, shown unnarrowed
-        self.full.narrow = False
+        # the same engines and queues, shown unnarrowed
+        self.full = SimReports(
+            reports.nodes, reports.all_pes, reports.queue, reports.alpha, reports.beta, False
+        )
+        self.full.under_beta = reports.under_beta
         self.narrowed_pes = self.narrowed_groups = 0  # passes that were shown less than everything
         self.waited = 0  # the longest group queue a pass met: requests that waited for DE memory
 
-    def place(self, queue: Sequence[Request], reports: SimReports, changed: Iterable[Hashable]) -> Pass:
+    def place(self, queue: Sequence[Request], reports: Reports, changed: Iterable[Hashable] = ()) -> Pass:
+        assert isinstance(reports, SimReports)
         changed = list(changed)
         self.waited = max(self.waited, *(len(n.de_queue) for n in reports.de_nodes))
         fast = self.pipeline.place(queue, reports, changed)
@@ -287,7 +296,7 @@ def test_simulator_fast_paths_agree_with_full_reports(mode: Mode, hbm: float) ->
     preset = replace(preset, hardware=replace(preset.hardware, hbm_bytes=hbm))
     sim = Simulation(preset, mode, traj, np.zeros(96))
     checked = CheckedPipeline(sim.pipeline, sim.reports)
-    sim.pipeline = checked  # type: ignore[assignment]
+    sim.pipeline = checked
     m = sim.run()
     assert m.agents_done == 96
     # The fast paths did hand over less than everything (else this checks nothing).
