@@ -14,8 +14,12 @@ ReadPlanChoice = Literal["auto", "pe", "de", "split"]
 """Which side reads a step's cached blocks: the scheduler's choice, or forced (ClusterConfig.read_plan)."""
 WeightPrecision = Literal["fp32", "int8", "int4"]
 """How an engine holds its model's weights (EngineConfig.weights; model/quant.py says what each is)."""
+WeightChoice = Literal["auto", "fp32", "int8", "int4"]
+"""A precision, or "auto": the one the checkpoint's own weights call for (model/quant.auto_precision)."""
 KVDtype = Literal["fp32", "bf16", "fp16"]
 """The dtype of an engine's KV in every tier (EngineConfig.kv_dtype): pool, Full Blocks, buffers, wire."""
+KVChoice = Literal["auto", "fp32", "bf16", "fp16"]
+"""A KV dtype, or "auto": fp32 beside fp32 weights, fp16 beside quantized ones (engine/core.kv_dtype)."""
 
 
 def cache_dir() -> Path:
@@ -58,15 +62,18 @@ class EngineConfig(_Config):
         description="tokens one forward may compute; longer prompts are prefilled in chunks",
     )
     max_running: int = Field(default=64, ge=1, description="sequences decoding at once")
-    weights: WeightPrecision = Field(
-        default="fp32",
+    weights: WeightChoice = Field(
+        default="auto",
         description="fp32: exact against transformers; int8 (per channel) / int4 (groups of 32): "
-        "weight-only, about a quarter / an eighth of the bytes a decode step reads (model/quant.py)",
+        "weight-only, about a quarter / an eighth of the bytes a decode step reads (model/quant.py); "
+        "auto: int4 for a checkpoint whose projections are 4-bit already (a Q4_0/Q4_1 GGUF such as "
+        "the default model), fp32 otherwise",
     )
-    kv_dtype: KVDtype = Field(
-        default="fp32",
+    kv_dtype: KVChoice = Field(
+        default="auto",
         description="fp32: exact against transformers; bf16 / fp16: half the bytes per cached token in "
-        "the pool, the store, the buffers and every transfer (its own block namespace)",
+        "the pool, the store, the buffers and every transfer (its own block namespace); auto: fp32 "
+        "with fp32 weights, fp16 with quantized ones",
     )
 
 

@@ -109,7 +109,7 @@ def chat_pair(tmp_path_factory: pytest.TempPathFactory) -> Pair:
 
 @pytest.fixture(scope="session")
 def default_pair() -> Pair:
-    ours = load_model()  # converts the packaged GGUF once into the cache
+    ours = load_model(weights="fp32")  # converts the packaged GGUF once; fp32: transformers' weights
     ref = AutoModelForCausalLM.from_pretrained(ours.path, dtype=torch.float32).eval()
     return Pair(ours, ref, ours.path)
 

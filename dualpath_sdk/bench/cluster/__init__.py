@@ -44,11 +44,13 @@ from dualpath_sdk.bench.cluster.runs import (
     SNIC_BPS,
     TOPOLOGIES,
     Run,
+    engine_config,
     poisson,
     prime,
     run,
 )
 from dualpath_sdk.bench.cluster.workloads import TRACE, Agent, synthetic_agents, trace_agents
+from dualpath_sdk.config import EngineConfig, KVChoice, WeightChoice
 
 ROUNDS = 3  # of the offline rows in a full run; --quick runs one
 
@@ -59,21 +61,21 @@ def offline(
     agents: list[Agent],
     topologies: tuple[str, ...],
     rows: tuple[str, ...],
-    slots: int,
+    engine: EngineConfig,
     rounds: int = 1,
 ) -> list[Run]:
     """Prime the agents' first turns once, then `rounds` rounds of one timed run per topology and row,
     all from that store; interleaved, so a slow spell of the machine falls on every row alike."""
     primed = out / "primed"
     started = time.perf_counter()
-    prime(primed, agents, slots)
+    prime(primed, agents, engine)
     console.print(f"primed {len(agents)} agents' first turns in {time.perf_counter() - started:.1f} s")
     runs = []
     for repeat in range(rounds):
         for topology in topologies:
             for row in rows:
                 started = time.perf_counter()
-                runs.append(run(primed, agents, topology, row, slots, repeat=repeat))
+                runs.append(run(primed, agents, topology, row, engine, repeat=repeat))
                 wall = time.perf_counter() - started
                 console.print(
                     f"round {repeat + 1}/{rounds} {topology} {row}: "
@@ -82,18 +84,20 @@ def offline(
     return runs
 
 
-def online(console: Console, out: Path, agents: list[Agent], basic_rate: float, slots: int) -> list[Run]:
+def online(
+    console: Console, out: Path, agents: list[Agent], basic_rate: float, engine: EngineConfig
+) -> list[Run]:
     """1P1D: light load (one agent at a time) and Poisson arrivals at 0.8x basic's offline rate."""
     primed = out / "primed"
     rows = ("basic", "dualpath", "dualpath+split")
     runs = []
     for row in rows:
-        r = run(primed, agents[:1], "1P1D", row, slots)
+        r = run(primed, agents[:1], "1P1D", row, engine)
         r.topology = "1 agent"
         runs.append(r)
     rate = 0.8 * basic_rate
     for row in rows:
-        r = run(primed, agents, "1P1D", row, slots, arrivals=poisson(len(agents), rate))
+        r = run(primed, agents, "1P1D", row, engine, arrivals=poisson(len(agents), rate))
         r.topology = f"{rate:.3f}/s"
         runs.append(r)
     return runs
@@ -107,23 +111,27 @@ def _vocab() -> int:
     return int(AutoConfig.from_pretrained(default_model_dir()).vocab_size)
 
 
-def main(quick: bool, ray: bool = False) -> Figures:
-    """`ray`: the offline rows through local mode and through Ray instead (on_ray.py)."""
+def main(
+    quick: bool, ray: bool = False, weights: WeightChoice = "auto", kv_dtype: KVChoice = "auto"
+) -> Figures:
+    """`weights`, `kv_dtype`: the engines' (EngineConfig's; "auto" is int4 and fp16 KV for the default
+    model, `--weights fp32 --kv-dtype fp32` the form of the runs before they were the default). `ray`: the
+    offline rows through local mode and through Ray instead (on_ray.py)."""
     if ray:
         from dualpath_sdk.bench.cluster.on_ray import main as through_ray
 
-        return through_ray(quick)
+        return through_ray(quick, engine_config(192, weights, kv_dtype))
     console = Console(width=None if sys.stdout.isatty() else 160)  # the offline table has 12 columns
     out = Path(tempfile.mkdtemp(prefix="dualpath-bench-cluster-"))
-    figures: Figures = {"snic_mb_s": SNIC_BPS / 1e6}
-    slots = 192
+    figures: Figures = {"snic_mb_s": SNIC_BPS / 1e6, "weights": weights, "kv_dtype": kv_dtype}
+    engine = engine_config(192, weights, kv_dtype)
     try:
         vocab = _vocab()
         n, turns, first = (4, 1, 512) if quick else (8, 2, 1024)
         agents = synthetic_agents(n, turns, first=first, append=40, gen=10, vocab=vocab)
         rows = ("basic", "dualpath+split") if quick else tuple(ROWS)
         rounds = 1 if quick else ROUNDS
-        runs = offline(console, out / "synthetic", agents, tuple(TOPOLOGIES), rows, slots, rounds)
+        runs = offline(console, out / "synthetic", agents, tuple(TOPOLOGIES), rows, engine, rounds)
         figures |= offline_table(console, "offline synthetic agents", runs)
         figures["outputs_match"] = outputs_agree(runs)
         plot(PLOT, runs)
@@ -131,14 +139,14 @@ def main(quick: bool, ray: bool = False) -> Figures:
         if quick:
             return saved(figures)
         basic_jct = statistics.median(r.jct_s for r in runs if r.topology == "1P1D" and r.row == "basic")
-        latency = online(console, out / "synthetic", agents, len(agents) / basic_jct, slots)
+        latency = online(console, out / "synthetic", agents, len(agents) / basic_jct, engine)
         figures |= latency_table(console, "online synthetic agents, 1P1D", latency)
         if not TRACE.is_file():
             console.print(f"trace section skipped: no {TRACE} (set DUALPATH_TRACE)")
             return saved(figures)
         conversations = trace_agents(6, 3, vocab)
         trace_rows = ("basic", "dualpath", "dualpath+split")  # oracle counts a session's history: none here
-        trace = offline(console, out / "trace", conversations, ("1P1D",), trace_rows, slots)
+        trace = offline(console, out / "trace", conversations, ("1P1D",), trace_rows, engine)
         figures |= offline_table(console, "trace block-level replay", trace)
         figures["trace_outputs_match"] = outputs_agree(trace)
     finally:

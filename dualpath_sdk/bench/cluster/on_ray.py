@@ -33,6 +33,7 @@ from rich.table import Table
 from dualpath_sdk.bench.cluster.report import FIGURES, Figures, offline_table, outputs_agree, saved, speedups
 from dualpath_sdk.bench.cluster.runs import TOPOLOGIES, Run, prime, run
 from dualpath_sdk.bench.cluster.workloads import synthetic_agents
+from dualpath_sdk.config import EngineConfig
 from dualpath_sdk.errors import InvalidInput
 
 ROWS = ("basic", "dualpath+split")
@@ -107,7 +108,7 @@ def comparison(console: Console, local: list[Run], on_ray: list[Run]) -> Figures
     return figures
 
 
-def main(quick: bool) -> Figures:
+def main(quick: bool, engine: EngineConfig) -> Figures:
     ip = namespace_ip()
     from dualpath_sdk.bench.cluster import _vocab
 
@@ -115,13 +116,12 @@ def main(quick: bool) -> Figures:
     out = Path(tempfile.mkdtemp(prefix="dualpath-bench-cluster-ray-"))
     topologies = ("1P1D",) if quick else tuple(TOPOLOGIES)
     rounds = 1 if quick else ROUNDS
-    slots = 192
     try:
         n, turns, first = (4, 1, 512) if quick else (8, 2, 1024)
         agents = synthetic_agents(n, turns, first=first, append=40, gen=10, vocab=_vocab())
         primed = out / "primed"
         started = time.perf_counter()
-        prime(primed, agents, slots)
+        prime(primed, agents, engine)
         console.print(f"primed {len(agents)} agents' first turns in {time.perf_counter() - started:.1f} s")
         local: list[Run] = []
         on_ray: list[Run] = []
@@ -129,13 +129,13 @@ def main(quick: bool) -> Figures:
         with ray_nodes(ip, max(p + d for p, d in (TOPOLOGIES[t] for t in topologies))):
             for repeat, topology, where, row in itertools.product(range(rounds), topologies, runs, ROWS):
                 started = time.perf_counter()
-                one = run(primed, agents, topology, row, slots, repeat=repeat, on_ray=where == "ray")
+                one = run(primed, agents, topology, row, engine, repeat=repeat, on_ray=where == "ray")
                 runs[where].append(one)
                 console.print(
                     f"round {repeat + 1}/{rounds} {topology} {where} {row}: JCT {one.jct_s:.1f} s "
                     f"({time.perf_counter() - started:.1f} s with start-up)"
                 )
-        figures: Figures = {}
+        figures: Figures = {"weights": engine.weights, "kv_dtype": engine.kv_dtype}
         figures |= offline_table(console, "local offline synthetic agents", local)
         figures |= offline_table(console, "ray offline synthetic agents", on_ray)
         figures |= comparison(console, local, on_ray)

@@ -17,7 +17,15 @@ from typing import Any
 from dualpath_sdk.api.cluster import Cluster
 from dualpath_sdk.api.session import StepResult
 from dualpath_sdk.bench.cluster.workloads import BLOCK, Agent
-from dualpath_sdk.config import ClusterConfig, EngineConfig, Mode, SchedulerConfig, StoreConfig
+from dualpath_sdk.config import (
+    ClusterConfig,
+    EngineConfig,
+    KVChoice,
+    Mode,
+    SchedulerConfig,
+    StoreConfig,
+    WeightChoice,
+)
 
 # every node's storage-NIC read cap: low enough that storage, not compute, bounds every row on 2 cores
 # (oracle, which reads nothing, finishes several times faster than an ideal dualpath could)
@@ -59,7 +67,7 @@ class Run:
         return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
 
 
-def _config(root: Path, topology: str, row: str, cap: float | None, slots: int) -> ClusterConfig:
+def _config(root: Path, topology: str, row: str, cap: float | None, engine: EngineConfig) -> ClusterConfig:
     p, d = TOPOLOGIES[topology]
     mode, split = ROWS[row]
     return ClusterConfig(
@@ -67,9 +75,9 @@ def _config(root: Path, topology: str, row: str, cap: float | None, slots: int) 
         decode_nodes=d,
         mode=mode,
         scheduler=SchedulerConfig(split_reads=split),
-        engine=EngineConfig(block_size=BLOCK, num_blocks=slots),
+        engine=engine,
         store=StoreConfig(root=root, snic_read_bps=cap),
-        buffer_slots=slots,
+        buffer_slots=engine.num_blocks,
     )
 
 
@@ -116,9 +124,14 @@ def _sessions_for(agents: list[Agent], cluster: Cluster) -> None:
             cluster.session(session_id=agent.name, tenant=TENANT)
 
 
-def prime(root: Path, agents: list[Agent], slots: int) -> None:
+def engine_config(slots: int, weights: WeightChoice = "auto", kv_dtype: KVChoice = "auto") -> EngineConfig:
+    """Every run's engines: `slots` KV blocks (and buffer slots), in the given precisions."""
+    return EngineConfig(block_size=BLOCK, num_blocks=slots, weights=weights, kv_dtype=kv_dtype)
+
+
+def prime(root: Path, agents: list[Agent], engine: EngineConfig) -> None:
     """Run every agent's first turn once, uncapped: the store every timed run starts from."""
-    with Cluster(_config(root, "1P1D", "dualpath", None, slots)) as cluster:
+    with Cluster(_config(root, "1P1D", "dualpath", None, engine)) as cluster:
         _sessions_for(agents, cluster)
         _run_agents(cluster, agents, range(1), [0.0] * len(agents))
 
@@ -144,7 +157,7 @@ def run(
     agents: list[Agent],
     topology: str,
     row: str,
-    slots: int,
+    engine: EngineConfig,
     arrivals: list[float] | None = None,
     cap: float = SNIC_BPS,
     repeat: int = 0,
@@ -155,7 +168,7 @@ def run(
     work = primed.parent / f"{topology}-{row}"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(primed, work)
-    config = _config(work, topology, row, cap, slots)
+    config = _config(work, topology, row, cap, engine)
     try:
         with Cluster.ray(**_fields(config)) if on_ray else Cluster(config) as cluster:
             samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
