@@ -32,6 +32,7 @@ from tests.test_ray import IP, NEW_TOKENS, _launcher, _options, _turn  # noqa: E
 pytestmark = pytest.mark.slow
 BRIDGE, HUB = "dp-br0", "10.78.0.1"
 RATE = "400mbit"  # each node's link: the KV of a step takes milliseconds, not a loopback's microseconds
+SHAPED = ("root", "tbf", "rate", RATE, "burst", "256kb", "latency", "50ms")  # both ends of a link
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -74,40 +75,11 @@ class Namespace:
             str(self.holder.pid),
         )
         _sh("ip", "link", "set", self.outer, "master", BRIDGE, "up")
-        _sh(
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            self.outer,
-            "root",
-            "tbf",
-            "rate",
-            RATE,
-            "burst",
-            "256kb",
-            "latency",
-            "50ms",
-        )
+        _sh("tc", "qdisc", "add", "dev", self.outer, *SHAPED)
         _sh(*inner, "ip", "link", "set", "lo", "up")
         _sh(*inner, "ip", "addr", "add", f"{self.ip}/24", "dev", "eth0")
         _sh(*inner, "ip", "link", "set", "eth0", "up")
-        _sh(
-            *inner,
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            "eth0",
-            "root",
-            "tbf",
-            "rate",
-            RATE,
-            "burst",
-            "256kb",
-            "latency",
-            "50ms",
-        )
+        _sh(*inner, "tc", "qdisc", "add", "dev", "eth0", *SHAPED)
 
     def bytes(self) -> int:
         """Bytes through its link, both ways (the bridge side of the veth; /proc/net follows this
