@@ -58,3 +58,22 @@ def check_writable(root: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StorageError(f"the store at {root} cannot be written: {exc}") from exc
+
+
+def write_private_file(tmp: Path, final: Path, data: bytes) -> None:
+    """Make `final` hold `data`, whole or not at all: written to the owner-only `tmp` (same directory
+    tree), fsynced, renamed over `final`; `tmp` is removed on failure. Durable once the caller fsyncs
+    `final`'s directory. Raises OSError."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -64,7 +64,7 @@ from dualpath_sdk.errors import (
     SessionNotFound,
     StorageError,
 )
-from dualpath_sdk.fsutil import PRIVATE_FILE, make_private_dirs
+from dualpath_sdk.fsutil import PRIVATE_FILE, make_private_dirs, write_private_file
 from dualpath_sdk.kv.keys import BlockKey
 from dualpath_sdk.store.backend import BlockStore
 
@@ -352,18 +352,9 @@ class ManifestStore:
         final = self.path_of(saved.session_id)
         tmp = self.root / f".{saved.session_id}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)
+            write_private_file(tmp, final, data)
             self._fsync_root()
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StorageError(f"saving session {saved.session_id}: {exc}") from exc
         return saved
 

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from dualpath_sdk.errors import StorageError
-from dualpath_sdk.fsutil import PRIVATE_FILE, make_private_dirs
+from dualpath_sdk.fsutil import PRIVATE_FILE, make_private_dirs, write_private_file
 from dualpath_sdk.kv.keys import BlockKey
 from dualpath_sdk.store.index import Clock, IndexTotals
 
@@ -139,13 +139,7 @@ class SharedIndex:
                 return
             tmp = self.root / "tmp" / f"{self._prefix}{os.getpid()}-{uuid.uuid4().hex}.pin"
             body = json.dumps({"owner": owner, "pins": {k.hex(): e for k, e in pins.items()}}).encode()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-            try:
-                os.write(fd, body)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
+            write_private_file(tmp, path, body)
         except OSError as exc:
             raise StorageError(f"pins of {owner} in {self.root}: {exc}") from exc
 
