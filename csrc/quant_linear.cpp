@@ -1,6 +1,7 @@
 // Weight-only quantized linears on CPU, `y = x @ W.T` with x and y in float32 and W in int8 (per output
-// channel) or int4 (groups of 32 along K): see dualpath_sdk/model/quant.py, which packs the weights and
-// calls these, and dualpath_sdk/model/kernel.py, which builds and loads this file.
+// channel) or int4 (groups of 32 along K), and the small ops of a layer around them: see
+// dualpath_sdk/model/quant.py, which packs the weights and calls these, and dualpath_sdk/model/kernel.py,
+// which builds and loads this file.
 //
 // Every output is one chain of fused multiply-adds in K order, `acc = fma(x[k], w[k], acc)` from 0, with
 // `w[k]` the exact float32 of the stored weight (int8: the integer, scaled after the sum; int4:
@@ -16,9 +17,21 @@
 // the dequantization costs ~1/200 of the FMAs and x is not streamed from L3 once per panel: measured
 // as fast as torch's fp32 GEMM at 2K rows (before: 1.25-1.3x slower cold prefill). Work runs under
 // at::parallel_for (torch's thread pool and count: engines at one thread stay at one).
+//
+// A decode step's layer also runs ~20 small ops besides its linears and attention, each microseconds of
+// dispatch whatever its size: more than half a step's time beside the linears'. So the linears take the
+// layer's work around them (`Around`): before, the input's RMS norm (the layer norms) or SwiGLU's
+// silu(gate) * up (the input being the fused gate/up projection's output); after, the bias and the
+// residual; and `rope_store` rotates q and k and writes k and v into the KV pool in one pass. A decode
+// layer is then five calls and the attention. Each row is computed alone in a fixed order, so rows stay
+// bitwise independent of the batch here too.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,7 +39,9 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <utility>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -190,7 +205,7 @@ void decode_rows(const float* x, int64_t K, int64_t N, float* y, const Int4Weigh
   __m512 acc[R][B];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < B; ++v) acc[r][v] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi32(15);
+  const __m128i low4 = _mm_set1_epi8(15);
   for (int64_t g = 0; g < groups; ++g) {
     __m512 s[B], o[B];
     for (int v = 0; v < B; ++v) {
@@ -199,10 +214,12 @@ void decode_rows(const float* x, int64_t K, int64_t N, float* y, const Int4Weigh
     }
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2)
       for (int v = 0; v < B; ++v) {
+        // the nibbles split in 128 bits, before widening: one 512-bit op fewer per pair of weights
         const uint8_t* src = w.q + ((b0 + v) * (K / 2) + k / 2) * kLanes;
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, low4)), s[v], o[v]);
-        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), s[v], o[v]);
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+        const __m128i lo8 = _mm_and_si128(bytes, low4), hi8 = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo8)), s[v], o[v]);
+        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi8)), s[v], o[v]);
         for (int r = 0; r < R; ++r) {
           acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), lo, acc[r][v]);
           acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + 1]), hi, acc[r][v]);
@@ -263,52 +280,223 @@ void linear(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Wei
   gemm(x, M, K, N, y, w, scale);
 }
 
-void check_x(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
-              "x: contiguous float32 [rows, in_features]");
-  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weights ", K);
+using Vec = at::vec::Vectorized<float>;
+
+// One row of the layer norm: x * rsqrt(mean(x^2) + eps) * w (the sum of squares in vector lanes, then
+// across them, then the tail: the same order for every row).
+void rms_norm_row(const float* x, const float* w, float eps, int64_t K, float* y) {
+  Vec acc(0.f);
+  int64_t k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size()) {
+    const Vec v = Vec::loadu(x + k);
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  float squares = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; k < K; ++k) squares = std::fma(x[k], x[k], squares);
+  const float rstd = 1.f / std::sqrt(squares / static_cast<float>(K) + eps);
+  k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size())
+    (Vec::loadu(x + k) * Vec(rstd) * Vec::loadu(w + k)).store(y + k);
+  for (; k < K; ++k) y[k] = x[k] * rstd * w[k];
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+// One row of SwiGLU's input: silu(gate) * up = gate / (1 + exp(-gate)) * up, gate and up the two halves of x.
+void swiglu_row(const float* x, int64_t K, float* y) {
+  const float* up = x + K;
+  int64_t k = 0;
+  for (; k + Vec::size() <= K; k += Vec::size()) {
+    const Vec g = Vec::loadu(x + k);
+    (g / (Vec(1.f) + g.neg().exp_u20()) * Vec::loadu(up + k)).store(y + k);
+  }
+  for (; k < K; ++k) y[k] = x[k] / (1.f + std::exp(-x[k])) * up[k];
+}
+
+// What a linear does around its multiplication: the input made from x (as it is, RMS-normalized by
+// `norm`, or SwiGLU of its halves: `gate`), then the bias and the residual added to the output.
+struct Around {
+  std::optional<at::Tensor> norm;
+  double eps = 0.;
+  bool gate = false;
+  std::optional<at::Tensor> bias, residual;
+
+  // x [M, K] (or [M, 2K] with `gate`) -> the linear's input [M, K], contiguous float32
+  at::Tensor input(const at::Tensor& x, int64_t K) const {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: float32 [rows, in_features]");
+    TORCH_CHECK(x.size(1) == (gate ? 2 * K : K), "x has ", x.size(1), " features, the weights ", K,
+                gate ? " (x 2: gate and up)" : "");
+    TORCH_CHECK(!(gate && norm), "a linear's input is normalized or gated, not both");
+    if (!norm && !gate) return x.contiguous();
+    const at::Tensor src = x.contiguous();
+    at::Tensor out = at::empty({x.size(0), K}, x.options());
+    const float* w = nullptr;
+    if (norm) {
+      TORCH_CHECK(norm->numel() == K && norm->is_contiguous() && norm->scalar_type() == at::kFloat,
+                  "norm: contiguous float32 [in_features]");
+      w = norm->data_ptr<float>();
+    }
+    const float* in = src.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    const auto e = static_cast<float>(eps);
+    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        if (w)
+          rms_norm_row(in + m * K, w, e, K, dst + m * K);
+        else
+          swiglu_row(in + m * 2 * K, K, dst + m * K);
+    });
+    return out;
+  }
+
+  // y [M, N] += bias, then += residual (each an fp32 add: the bits of torch's `residual + (y + bias)`)
+  void finish(at::Tensor& y) const {
+    const int64_t M = y.size(0), N = y.size(1);
+    const float* b = nullptr;
+    const float* r = nullptr;
+    if (bias) {
+      TORCH_CHECK(bias->numel() == N && bias->is_contiguous() && bias->scalar_type() == at::kFloat,
+                  "bias: contiguous float32 [out_features]");
+      b = bias->data_ptr<float>();
+    }
+    if (residual) {
+      TORCH_CHECK(residual->dim() == 2 && residual->size(0) == M && residual->size(1) == N &&
+                      residual->is_contiguous() && residual->scalar_type() == at::kFloat,
+                  "residual: contiguous float32 [rows, out_features]");
+      r = residual->data_ptr<float>();
+    }
+    if (!b && !r) return;
+    float* out = y.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          float v = out[m * N + n];
+          if (b) v = v + b[n];
+          if (r) v = r[m * N + n] + v;
+          out[m * N + n] = v;
+        }
+    });
+  }
+};
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& norm, double eps, bool gate,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(q.dim() == 3 && q.size(2) == kLanes && q.is_contiguous() && q.scalar_type() == at::kChar,
               "q: contiguous int8 [out / 16, in, 16]");
-  const int64_t K = q.size(1), N = q.size(0) * kLanes, M = x.size(0);
-  check_x(x, K);
+  const int64_t K = q.size(1), N = q.size(0) * kLanes;
   TORCH_CHECK(scale.numel() == N && scale.is_contiguous() && scale.scalar_type() == at::kFloat,
               "scale: contiguous float32 [out]");
+  const Around around{norm, eps, gate, bias, residual};
+  const at::Tensor in = around.input(x, K);
+  const int64_t M = in.size(0);
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   // the scale per channel, after the sum: the same for every row
-  linear(x.data_ptr<float>(), M, K, N, y.data_ptr<float>(), Int8Weights{q.data_ptr<int8_t>(), K},
+  linear(in.data_ptr<float>(), M, K, N, y.data_ptr<float>(), Int8Weights{q.data_ptr<int8_t>(), K},
          scale.data_ptr<float>());
+  around.finish(y);
   return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                       const at::Tensor& offset) {
+                       const at::Tensor& offset, const std::optional<at::Tensor>& norm, double eps, bool gate,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(q.dim() == 3 && q.size(2) == kLanes && q.is_contiguous() && q.scalar_type() == at::kByte,
               "q: contiguous uint8 [out / 16, in / 2, 16]");
-  const int64_t K = q.size(1) * 2, N = q.size(0) * kLanes, M = x.size(0);
-  check_x(x, K);
+  const int64_t K = q.size(1) * 2, N = q.size(0) * kLanes;
   TORCH_CHECK(K % kGroup == 0, "int4: in_features must be a multiple of ", kGroup);
   for (const auto* t : {&scale, &offset})
     TORCH_CHECK(t->numel() == N * (K / kGroup) && t->is_contiguous() && t->scalar_type() == at::kFloat,
                 "scale, offset: contiguous float32 [out / 16, in / 32, 16]");
+  const Around around{norm, eps, gate, bias, residual};
+  const at::Tensor in = around.input(x, K);
+  const int64_t M = in.size(0);
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   const Int4Weights w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K};
-  linear(x.data_ptr<float>(), M, K, N, y.data_ptr<float>(), w, nullptr);
+  linear(in.data_ptr<float>(), M, K, N, y.data_ptr<float>(), w, nullptr);
+  around.finish(y);
   return y;
+}
+
+// A 16-bit or float32 KV element from float32 (to nearest even, as torch's casts round).
+template <typename KV>
+void store(const float* src, KV* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<KV>(src[i]);
+}
+
+// `x * cos + rotate_half(x) * sin` for one head (sin signed: its first half negated, Transformer.rope).
+void rotate(const float* x, const float* cos, const float* sin, int64_t D, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) out[i] = std::fma(x[(i + half) % D], sin[i], x[i] * cos[i]);
+}
+
+template <typename KV>
+void rope_store_rows(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv,
+                     const at::Tensor& slots, int64_t heads, at::Tensor& q) {
+  const int64_t T = qkv.size(0), all = qkv.size(1), D = qkv.size(2), kv_heads = (all - heads) / 2;
+  const float* src = qkv.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  KV* pool = static_cast<KV*>(kv.data_ptr());
+  float* out = q.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> k(D);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = src + t * all * D;
+      for (int64_t h = 0; h < heads; ++h) rotate(row + h * D, c + t * D, s + t * D, D, out + (t * heads + h) * D);
+      KV* dst = pool + slot[t] * 2 * kv_heads * D;  // [2, kv_heads, D]: the token's K, then its V
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        rotate(row + (heads + h) * D, c + t * D, s + t * D, D, k.data());
+        store(k.data(), dst + h * D, D);
+        store(row + (heads + kv_heads + h) * D, dst + (kv_heads + h) * D, D);
+      }
+    }
+  });
+}
+
+// qkv [T, heads + 2 kv_heads, D] (one projection's output): q and k rotated by RoPE, k and v written into
+// the layer's KV `[num_blocks, block_size, 2, kv_heads, D]` at `slot_mapping` in its dtype; returns q.
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv,
+                      const at::Tensor& slot_mapping, int64_t heads) {
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && qkv.scalar_type() == at::kFloat,
+              "qkv: contiguous float32 [tokens, heads + 2 kv_heads, head_dim]");
+  const int64_t T = qkv.size(0), D = qkv.size(2), kv_heads = (qkv.size(1) - heads) / 2;
+  TORCH_CHECK(kv_heads > 0 && heads + 2 * kv_heads == qkv.size(1) && D % 2 == 0, "qkv: heads do not add up");
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->numel() == T * D && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "cos, sin: contiguous float32 [tokens, 1, head_dim]");
+  TORCH_CHECK(kv.dim() == 5 && kv.is_contiguous() && kv.size(2) == 2 && kv.size(3) == kv_heads && kv.size(4) == D,
+              "kv: contiguous [num_blocks, block_size, 2, kv_heads, head_dim]");
+  TORCH_CHECK(slot_mapping.numel() == T && slot_mapping.is_contiguous() && slot_mapping.scalar_type() == at::kLong,
+              "slot_mapping: contiguous int64 [tokens]");
+  const int64_t slots = kv.size(0) * kv.size(1);
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " out of the KV");
+  auto q = at::empty({T, heads, D}, qkv.options());
+  switch (kv.scalar_type()) {
+    case at::kFloat: rope_store_rows<float>(qkv, cos, sin, kv, slot_mapping, heads, q); break;
+    case at::kBFloat16: rope_store_rows<at::BFloat16>(qkv, cos, sin, kv, slot_mapping, heads, q); break;
+    case at::kHalf: rope_store_rows<at::Half>(qkv, cos, sin, kv, slot_mapping, heads, q); break;
+    default: TORCH_CHECK(false, "kv: float32, bfloat16 or float16");
+  }
+  return q;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(dualpath_quant, m) {
-  m.def("int8_linear(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("int4_linear(Tensor x, Tensor q, Tensor scale, Tensor offset) -> Tensor");
+  m.def(
+      "int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? norm=None, float eps=0., bool gate=False, "
+      "Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def(
+      "int4_linear(Tensor x, Tensor q, Tensor scale, Tensor offset, Tensor? norm=None, float eps=0., "
+      "bool gate=False, Tensor? bias=None, Tensor? residual=None) -> Tensor");
+  m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv, Tensor slot_mapping, int heads) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dualpath_quant, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
+  m.impl("rope_store", &rope_store);
 }

@@ -30,6 +30,7 @@ class KVPool:
         self.num_blocks = num_blocks
         # zeroed: attention reads whole blocks and masks the unwritten tail, which must not be NaN
         self.kv = torch.zeros((layout.num_layers, num_blocks, *layout.layer_block_shape), dtype=layout.dtype)
+        self._layers = self.kv.unbind(0)  # views made once: a decode step asks for each layer's
         self._refs = [0] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: OrderedDict[int, None] = OrderedDict()  # refcount 0 but keyed: reusable
@@ -38,7 +39,7 @@ class KVPool:
 
     def layer(self, index: int) -> torch.Tensor:
         """Layer `index`'s KV, `[num_blocks, block_size, 2, kv_heads, head_dim]` (contiguous)."""
-        return self.kv[index]
+        return self._layers[index]
 
     @property
     def num_free(self) -> int:

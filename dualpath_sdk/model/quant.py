@@ -42,7 +42,10 @@ SCHEMES: dict[WeightPrecision, str] = {  # part of the model fingerprint: a new 
     "int8": "projections int8 per channel bf16 scales",
     "int4": "projections int4 g32 asymmetric least-squares bf16 scales",
 }
-_KERNELS = {True: "csrc fma chains, fp32 activations, v2", False: "torch packed, bf16 activations, v2"}
+_KERNELS = {
+    True: "csrc fma chains, fp32 activations, fused norms, swiglu and rope, v3",
+    False: "torch packed, bf16 activations, v2",
+}
 GRID_ROWS = 64  # rows of each projection on_int4_grid checks (a file quantizes each tensor whole, one type)
 
 
@@ -50,6 +53,12 @@ def _ops() -> Any | None:
     from dualpath_sdk.model.kernel import quant_ops
 
     return quant_ops()
+
+
+def fused_ops(precision: WeightPrecision) -> Any | None:
+    """csrc's ops for `precision`'s layers (its linears take their norms and residuals, `rope_store`
+    the RoPE and K/V store), or None: fp32 and torch's packed kernels run the layer in torch ops."""
+    return None if precision == "fp32" else _ops()
 
 
 def scheme(precision: WeightPrecision) -> str:
@@ -61,9 +70,12 @@ def scheme(precision: WeightPrecision) -> str:
 
 
 class Projection(Protocol):
-    """`x @ W.T (+ b)`. `x` comes in `dtype`, the one the multiplication runs in, and so does the result
-    (or the bias's, wider): the caller casts only where the next op needs it, an add with fp32 promotes
-    by itself."""
+    """`x @ W.T (+ b)`, with the layer's work around it: the input RMS-normalized by `norm` first (the
+    layer norms), or SwiGLU's `silu(gate) * up` of x's two halves (`gate`: x is the gate/up projection's
+    output); the `residual` added after. csrc's kernels do it in the same call (a decode step's small ops
+    cost more than its linears' bytes), torch's paths in torch ops, the bits the layer had before.
+    The result comes in `dtype`, the one the multiplication runs in (or the bias's or residual's, wider):
+    the caller casts only where the next op needs it."""
 
     dtype: torch.dtype
 
@@ -72,13 +84,47 @@ class Projection(Protocol):
         """Bytes one multiplication reads of the weights (the decode step's floor)."""
         ...
 
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        gate: bool = False,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class Head(Protocol):
+    """The LM head, `x @ W.T`, which is also the tied embedding table."""
+
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int: ...
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
-
-class Head(Projection, Protocol):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of W, in the model's dtype: the embedding lookup of a tied LM head."""
         ...
+
+
+def _input(
+    x: torch.Tensor, dtype: torch.dtype, norm: torch.Tensor | None, eps: float, gate: bool
+) -> torch.Tensor:
+    """A projection's input on torch's paths: x, RMS-normalized or SwiGLU'd, in `dtype`."""
+    if norm is not None:
+        x = F.rms_norm(x, x.shape[-1:], norm, eps)
+    elif gate:
+        g, up = x.chunk(2, dim=-1)
+        x = F.silu(g) * up
+    return x.to(dtype)
+
+
+def _finish(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    y = y if bias is None else y + bias
+    return y if residual is None else residual + y
 
 
 class Linear:
@@ -92,8 +138,17 @@ class Linear:
     def nbytes(self) -> int:
         return self.weight.nbytes
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        gate: bool = False,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        y = F.linear(_input(x, self.dtype, norm, eps, gate), self.weight, self.bias)
+        return _finish(y, None, residual)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
@@ -128,12 +183,19 @@ class Int8Linear:
         q = self.q if self._ops is None else self.q.transpose(1, 2).reshape(-1, self.q.shape[1])
         return q.float() * self.scale.float()[:, None]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        gate: bool = False,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self._ops is not None:
-            y = self._ops.int8_linear(x.contiguous(), self.q, self.scale)
-        else:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return y if self.bias is None else y + self.bias
+            return self._ops.int8_linear(x, self.q, self.scale, norm, eps, gate, self.bias, residual)
+        y = torch.ops.aten._weight_int8pack_mm(_input(x, self.dtype, norm, eps, gate), self.q, self.scale)
+        return _finish(y, self.bias, residual)
 
 
 class Int4Linear:
@@ -185,12 +247,20 @@ class Int4Linear:
         w = q.float().view(len(q), -1, GROUP)
         return torch.addcmul(self.offset[..., None], w, self.scale[..., None]).view(len(q), -1)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,
+        eps: float = 0.0,
+        gate: bool = False,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self._ops is not None:
-            y = self._ops.int4_linear(x.contiguous(), self.packed, *self.params)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, *self.params)
-        return y if self.bias is None else y + self.bias
+            return self._ops.int4_linear(x, self.packed, *self.params, norm, eps, gate, self.bias, residual)
+        x = _input(x, self.dtype, norm, eps, gate)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, *self.params)
+        return _finish(y, self.bias, residual)
 
 
 class RescoredHead:

@@ -8,9 +8,10 @@ built on exactly this seam.
 
 A decode step runs ~20 small ops per layer besides its linears and attention; each costs microseconds
 of dispatch whatever its size, so the layer keeps their count down: q/k/v and gate/up are one
-projection each (fused fp32 matmuls measured as fast as separate ones here), q and k take RoPE in one
-pass, norms are torch's `rms_norm`, and the quantized forms' outputs (bf16 on torch's kernels) are cast
-only where needed.
+projection each, q and k take RoPE in one pass, and each projection takes the norm before it and the
+residual after (model/quant.py's Projection). On csrc's quantized kernels those are fused into the
+linears' calls and RoPE with the K/V store into one (`rope_store`): five calls and the attention per
+layer. fp32 keeps torch's ops, whose bits are the reference against transformers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from dualpath_sdk.config import WeightPrecision
 from dualpath_sdk.model import quant
-from dualpath_sdk.model.attention import AttentionBatch, attention
+from dualpath_sdk.model.attention import AttentionBatch, attention, backend_for
 from dualpath_sdk.model.spec import ModelSpec
 
 
@@ -82,6 +83,8 @@ class Transformer:
         self.embedding = self.head if spec.tie_word_embeddings else quant.Linear(embed_tokens, None)
         self._hidden = (spec.hidden_size,)
         self._heads = (spec.num_heads, spec.num_kv_heads)
+        # csrc's fused layer ops: with its quantized kernels only (fp32 keeps the reference's torch ops)
+        self._ops = quant.fused_ops(precision)
 
     @property
     def step_bytes(self) -> int:
@@ -98,19 +101,23 @@ class Transformer:
         """Run decoder layer `index` on `[T, hidden]`, writing the new K/V into `kv` (that layer's KV)."""
         spec, w = self.spec, self.layers[index]
         heads, kv_heads = self._heads
-        x = F.rms_norm(hidden, self._hidden, w.input_norm, spec.rms_norm_eps).to(w.qkv.dtype)
-        qkv = w.qkv(x).to(self.dtype).view(-1, heads + 2 * kv_heads, spec.head_dim)
-        qk = qkv[:, : heads + kv_heads]
+        eps = spec.rms_norm_eps
+        qkv = w.qkv(hidden, norm=w.input_norm, eps=eps).to(self.dtype)
+        qkv = qkv.view(-1, heads + 2 * kv_heads, spec.head_dim)
         if w.qk_norm is not None:
-            qk = _rms_norm(qk, w.qk_norm, spec.rms_norm_eps)
-        qk = _rotate(qk, batch.cos, batch.sin)
+            qkv[:, : heads + kv_heads] = _rms_norm(qkv[:, : heads + kv_heads], w.qk_norm, eps)
         window = spec.sliding_window[index]
-        out = attention(qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :], kv, batch, window)
+        if self._ops is not None:  # RoPE on q and k, and k, v into the pool: one pass
+            q = self._ops.rope_store(qkv, batch.cos, batch.sin, kv, batch.slot_mapping, heads)
+            backend = batch.cached(("backend", kv.device), lambda: backend_for(kv.device))
+            out = backend.attend(q, kv, batch, window)
+        else:
+            qk = _rotate(qkv[:, : heads + kv_heads], batch.cos, batch.sin)
+            out = attention(qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :], kv, batch, window)
         # bf16 outputs (torch's packed kernels): the residual adds promote them to the model's dtype
-        hidden = hidden + w.o_proj(out.reshape(len(hidden), -1).to(w.o_proj.dtype))
-        x = F.rms_norm(hidden, self._hidden, w.post_norm, spec.rms_norm_eps).to(w.gate_up.dtype)
-        gate, up = w.gate_up(x).split(spec.intermediate_size, dim=-1)
-        return hidden + w.down(F.silu(gate) * up)
+        hidden = w.o_proj(out.reshape(len(hidden), -1).to(w.o_proj.dtype), residual=hidden)
+        gate_up = w.gate_up(hidden, norm=w.post_norm, eps=eps)
+        return w.down(gate_up, gate=True, residual=hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[N, hidden]` -> `[N, vocab]` in fp32 (sampling wants fp32 whatever the KV dtype)."""
