@@ -3,20 +3,21 @@
 // dualpath_sdk/model/quant.py, which packs the weights and calls these, and dualpath_sdk/model/kernel.py,
 // which builds and loads this file.
 //
-// Every output is one chain of fused multiply-adds in K order, `acc = fma(x[k], w[k], acc)` from 0, with
-// `w[k]` the exact float32 of the stored weight (int8: the integer, scaled after the sum; int4:
-// `fma(q, scale, offset)` of its group). Vectors hold 16 output channels, never a split of K, so a row's
-// result is bitwise the same whatever the rows around it (decode, a chunk, a long prefill, a batch) and
-// whatever the thread count or vector width: a token's KV never depends on the forward that computed it.
+// Every output is computed in one fixed order: int8, one chain of fused multiply-adds in K order,
+// `acc = fma(x[k], q[k], acc)` from 0, scaled after the sum; int4, such a chain over each group's levels,
+// folded into the output group by group (the int4 section below). Vectors hold 16 output channels, never a
+// split of K, so a row's result is bitwise the same whatever the rows around it (decode, a chunk, a long
+// prefill, a batch) and whatever the thread count: a token's KV never depends on the forward that
+// computed it.
 //
 // Weights are packed per block of 16 output channels, K-major inside a block. Up to 4 rows (decode),
-// each weight is dequantized in a register and used at once (decode_rows, AVX-512). Beyond (gemm), a
-// panel of up to four blocks is dequantized into a float32 tile once and then read by every tile of
-// rows (register-blocked, up to 6 rows x 64 channels, each chain kept in registers over the tile's K):
-// the panel's whole K (an L2 tile), once per block of rows whose activations fit in L2 beside it, so
-// the dequantization costs ~1/200 of the FMAs and x is not streamed from L3 once per panel: measured
-// as fast as torch's fp32 GEMM at 2K rows (before: 1.25-1.3x slower cold prefill). Work runs under
-// at::parallel_for (torch's thread pool and count: engines at one thread stay at one).
+// each weight is widened in a register and used at once (decode_rows, decode4_rows, AVX-512). Beyond
+// (gemm, gemm4), a panel of up to four blocks is widened into a float32 tile once and then read by every
+// tile of rows (register-blocked, each chain kept in registers over the tile's K): the panel's whole K
+// (an L2 tile), once per block of rows whose activations fit in L2 beside it, so the widening costs
+// ~1/200 of the FMAs and x is not streamed from L3 once per panel: measured as fast as torch's fp32 GEMM
+// at 2K rows. Work runs under at::parallel_for (torch's thread pool and count: engines at one thread stay
+// at one).
 //
 // A decode step's layer also runs ~20 small ops besides its linears and attention, each microseconds of
 // dispatch whatever its size: more than half a step's time beside the linears'. So the linears take the
@@ -38,6 +39,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -127,39 +129,6 @@ struct Int8Weights {
   }
 };
 
-// int4 block b: bytes [N / 16, K / 2, 16], k even in the low nibble, k + 1 in the high one; per group
-// of 32 along K a scale and an offset per channel, [N / 16, K / 32, 16]: w = fma(q, scale, offset).
-struct Int4Weights {
-  const uint8_t* q;
-  const float* scale;
-  const float* offset;
-  int64_t K;
-  void dequant(int64_t b, int64_t v, int64_t k0, int64_t kc, float* tile) const {
-    const int64_t groups = K / kGroup;
-    for (int64_t k = 0; k < kc; k += 2) {
-      const int64_t kk = k0 + k, g = kk / kGroup;
-      const uint8_t* src = q + (b * (K / 2) + kk / 2) * kLanes;
-      const float* s = scale + (b * groups + g) * kLanes;
-      const float* o = offset + (b * groups + g) * kLanes;
-      float* lo_dst = tile + k * kPanel * kLanes + v * kLanes;
-      float* hi_dst = lo_dst + kPanel * kLanes;
-#if defined(__AVX512F__)
-      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      const __m512 sv = _mm512_loadu_ps(s), ov = _mm512_loadu_ps(o);
-      const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
-      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
-      _mm512_store_ps(lo_dst, _mm512_fmadd_ps(lo, sv, ov));
-      _mm512_store_ps(hi_dst, _mm512_fmadd_ps(hi, sv, ov));
-#else
-      for (int64_t c = 0; c < kLanes; ++c) {
-        lo_dst[c] = std::fma(static_cast<float>(src[c] & 15), s[c], o[c]);
-        hi_dst[c] = std::fma(static_cast<float>(src[c] >> 4), s[c], o[c]);
-      }
-#endif
-    }
-  }
-};
-
 // Rows whose activations stay in L2 (~512 KiB of them) while every panel passes over them: a prefill
 // of thousands of rows otherwise streams all of x from L3 once per panel and K-chunk.
 int64_t block_rows(int64_t K) { return std::max(kRows, (int64_t{1} << 17) / K / kRows * kRows); }
@@ -196,39 +165,6 @@ void gemm(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Weigh
 // used at once, never stored: the same chains in the same K order, so the same bits as gemm's. A
 // tile's store and reload per weight cost a decode step's linears ~1.6x, its int8 LM head ~2x.
 constexpr int64_t kDecodeBlocks = 8;  // blocks at once: 8 independent chains per row hide FMA latency
-
-// R rows against B int4 blocks from block b0.
-template <int R, int B>
-void decode_rows(const float* x, int64_t K, int64_t N, float* y, const Int4Weights& w, int64_t b0,
-                 const float*) {
-  const int64_t groups = K / kGroup;
-  __m512 acc[R][B];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < B; ++v) acc[r][v] = _mm512_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(15);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 s[B], o[B];
-    for (int v = 0; v < B; ++v) {
-      s[v] = _mm512_loadu_ps(w.scale + ((b0 + v) * groups + g) * kLanes);
-      o[v] = _mm512_loadu_ps(w.offset + ((b0 + v) * groups + g) * kLanes);
-    }
-    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2)
-      for (int v = 0; v < B; ++v) {
-        // the nibbles split in 128 bits, before widening: one 512-bit op fewer per pair of weights
-        const uint8_t* src = w.q + ((b0 + v) * (K / 2) + k / 2) * kLanes;
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-        const __m128i lo8 = _mm_and_si128(bytes, low4), hi8 = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-        const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo8)), s[v], o[v]);
-        const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi8)), s[v], o[v]);
-        for (int r = 0; r < R; ++r) {
-          acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), lo, acc[r][v]);
-          acc[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + 1]), hi, acc[r][v]);
-        }
-      }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < B; ++v) _mm512_storeu_ps(y + r * N + (b0 + v) * kLanes, acc[r][v]);
-}
 
 // R rows against B int8 blocks from block b0, the scale after the sum.
 template <int R, int B>
@@ -278,6 +214,238 @@ void linear(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Wei
   }
 #endif
   gemm(x, M, K, N, y, w, scale);
+}
+
+// ---- int4 ------------------------------------------------------------------------------------------
+// Nibbles [N / 16, K / 2, 16], k even in the low nibble, k + 1 in the high one: levels q in 0..15; per
+// group of 32 along K a bf16 scale and zero per channel, [N / 16, K / 32, 16]: w = (q - 8) * scale + zero
+// (Q4_1's form). A group's part of an output is scale * sum(x * q) + (zero - 8 * scale) * sum(x): one
+// chain of FMAs over the group's levels (small integers, exact in float32), then two FMAs into the
+// output, groups in K order, sum(x) once per row and group. Per weight that is a widening and one FMA,
+// not a dequantizing FMA as well (a fifth fewer vector instructions: decode's linears 1.1-1.35x faster
+// with their weights in cache), and bf16 factors are half float32's bytes (the default model's int4
+// projections 67 MB, not 80).
+constexpr int64_t kRows4 = 3;  // rows per register tile: 3 x 4 running outputs, 3 x 4 group sums, 4 levels
+
+struct Int4Weights {
+  const uint8_t* q;
+  const uint16_t* scale;  // bf16 bits
+  const uint16_t* zero;
+  int64_t K;
+  int64_t groups() const { return K / kGroup; }
+  // block b's levels for K rows [k0, k0 + kc) -> tile columns of block slot v, as float32
+  void levels(int64_t b, int64_t v, int64_t k0, int64_t kc, float* tile) const {
+    for (int64_t k = 0; k < kc; k += 2) {
+      const uint8_t* src = q + (b * (K / 2) + (k0 + k) / 2) * kLanes;
+      float* lo = tile + k * kPanel * kLanes + v * kLanes;
+      float* hi = lo + kPanel * kLanes;
+      for (int64_t c = 0; c < kLanes; ++c) {
+        lo[c] = static_cast<float>(src[c] & 15);
+        hi[c] = static_cast<float>(src[c] >> 4);
+      }
+    }
+  }
+  // block b's factors of group g: the scale and zero - 8 * scale, 16 channels each
+  void factors(int64_t b, int64_t g, float* s, float* o) const {
+    const int64_t at = (b * groups() + g) * kLanes;
+    for (int64_t c = 0; c < kLanes; ++c) {
+      s[c] = bf16(scale[at + c]);
+      o[c] = std::fma(-8.f, s[c], bf16(zero[at + c]));
+    }
+  }
+  static float bf16(uint16_t bits) {
+    const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &wide, sizeof f);
+    return f;
+  }
+};
+
+// sum(x) of each group of 32 along a row: 16 partial sums (k, k + 16), then halved in a fixed order.
+void group_sums(const float* x, int64_t K, float* out) {
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    float part[16];
+    for (int i = 0; i < 16; ++i) part[i] = x[g * kGroup + i] + x[g * kGroup + 16 + i];
+    for (int width = 8; width >= 1; width /= 2)
+      for (int i = 0; i < width; ++i) part[i] += part[i + width];
+    out[g] = part[0];
+  }
+}
+
+// R rows against V blocks of a tile of levels holding whole groups: out[r][c] continues over the tile
+// (from 0 if `first`), one group at a time. `sums` [R, row_groups] the rows' group sums from the tile's
+// first group; `fs`, `fo` [groups in tile, kPanel, 16] the factors.
+template <int R, int V>
+void micro4(const float* x, int64_t x_stride, const float* sums, int64_t row_groups, const float* tile,
+            const float* fs, const float* fo, int64_t kc, float* y, int64_t y_stride, bool first) {
+#if defined(__AVX512F__)
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * y_stride + v * kLanes);
+  for (int64_t g = 0; g * kGroup < kc; ++g) {
+    __m512 part[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) part[r][v] = _mm512_setzero_ps();
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) {
+      __m512 w[V];
+      for (int v = 0; v < V; ++v) w[v] = _mm512_load_ps(tile + k * kPanel * kLanes + v * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const __m512 xr = _mm512_set1_ps(x[r * x_stride + k]);
+        for (int v = 0; v < V; ++v) part[r][v] = _mm512_fmadd_ps(xr, w[v], part[r][v]);
+      }
+    }
+    for (int v = 0; v < V; ++v) {
+      const __m512 s = _mm512_loadu_ps(fs + (g * kPanel + v) * kLanes);
+      const __m512 o = _mm512_loadu_ps(fo + (g * kPanel + v) * kLanes);
+      for (int r = 0; r < R; ++r)
+        acc[r][v] = _mm512_fmadd_ps(o, _mm512_set1_ps(sums[r * row_groups + g]),
+                                    _mm512_fmadd_ps(s, part[r][v], acc[r][v]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + r * y_stride + v * kLanes, acc[r][v]);
+#else  // the same chains, laid out for the compiler to vectorize across the channels
+  float acc[R][V * kLanes];
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < V * kLanes; ++c) acc[r][c] = first ? 0.f : y[r * y_stride + c];
+  for (int64_t g = 0; g * kGroup < kc; ++g) {
+    float part[R][V * kLanes] = {};
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) {
+      const float* wk = tile + k * kPanel * kLanes;
+      for (int r = 0; r < R; ++r)
+        for (int64_t c = 0; c < V * kLanes; ++c) part[r][c] = std::fma(x[r * x_stride + k], wk[c], part[r][c]);
+    }
+    for (int r = 0; r < R; ++r)
+      for (int64_t c = 0; c < V * kLanes; ++c)
+        acc[r][c] = std::fma(fo[g * kPanel * kLanes + c], sums[r * row_groups + g],
+                             std::fma(fs[g * kPanel * kLanes + c], part[r][c], acc[r][c]));
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t c = 0; c < V * kLanes; ++c) y[r * y_stride + c] = acc[r][c];
+#endif
+}
+
+using Micro4 = void (*)(const float*, int64_t, const float*, int64_t, const float*, const float*, const float*,
+                        int64_t, float*, int64_t, bool);
+template <int V, int... R>
+constexpr std::array<Micro4, kRows4> micro4_row(std::integer_sequence<int, R...>) {
+  return {&micro4<R + 1, V>...};
+}
+template <int... V>
+constexpr std::array<std::array<Micro4, kRows4>, kPanel> micro4_table(std::integer_sequence<int, V...>) {
+  return {micro4_row<V + 1>(std::make_integer_sequence<int, kRows4>{})...};
+}
+constexpr auto kMicro4 = micro4_table(std::make_integer_sequence<int, kPanel>{});
+
+void gemm4(const float* x, const float* sums, int64_t M, int64_t K, int64_t N, float* y, const Int4Weights& w) {
+  const int64_t blocks = N / kLanes, panels = (blocks + kPanel - 1) / kPanel, rows_per = block_rows(K);
+  const int64_t groups = w.groups(), chunk = M <= kRows ? kChunk : K;
+  for (int64_t m_begin = 0; m_begin < M; m_begin += rows_per) {
+    const int64_t m_end = std::min(M, m_begin + rows_per);
+    at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      const int64_t tile_floats = chunk * kPanel * kLanes, factor_floats = chunk / kGroup * kPanel * kLanes;
+      std::unique_ptr<float[]> scratch(new float[tile_floats + 2 * factor_floats + kLanes]);  // room to align
+      const auto misaligned = reinterpret_cast<uintptr_t>(scratch.get()) / sizeof(float) % kLanes;
+      float* const tile = scratch.get() + (kLanes - misaligned) % kLanes;  // on 64 bytes
+      float* const fs = tile + tile_floats;
+      float* const fo = fs + factor_floats;
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t b0 = p * kPanel, v = std::min(kPanel, blocks - b0);
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t kc = std::min(chunk, K - k0);
+          for (int64_t i = 0; i < v; ++i) {
+            w.levels(b0 + i, i, k0, kc, tile);
+            for (int64_t g = 0; g < kc / kGroup; ++g)
+              w.factors(b0 + i, k0 / kGroup + g, fs + (g * kPanel + i) * kLanes, fo + (g * kPanel + i) * kLanes);
+          }
+          for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows4) {
+            const int64_t rows = std::min(kRows4, m_end - m0);
+            kMicro4[v - 1][rows - 1](x + m0 * K + k0, K, sums + m0 * groups + k0 / kGroup, groups, tile, fs, fo,
+                                     kc, y + m0 * N + b0 * kLanes, N, k0 == 0);
+          }
+        }
+      }
+    });
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 widen_bf16(const uint16_t* bits) {  // 16 bf16 -> float32, exact
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// R rows against B int4 blocks from block b0, the levels widened in registers and used at once: the
+// same chains as micro4's, so the same bits. The nibbles split in 128 bits, before widening.
+template <int R, int B>
+void decode4_rows(const float* x, const float* sums, int64_t K, int64_t N, float* y, const Int4Weights& w,
+                  int64_t b0) {
+  const int64_t groups = w.groups();
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < B; ++v) acc[r][v] = _mm512_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 part[R][B];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < B; ++v) part[r][v] = _mm512_setzero_ps();
+    for (int64_t k = g * kGroup; k < (g + 1) * kGroup; k += 2)
+      for (int v = 0; v < B; ++v) {
+        const uint8_t* src = w.q + ((b0 + v) * (K / 2) + k / 2) * kLanes;
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+        const __m128i lo8 = _mm_and_si128(bytes, low4), hi8 = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo8));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi8));
+        for (int r = 0; r < R; ++r) {
+          part[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), lo, part[r][v]);
+          part[r][v] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + 1]), hi, part[r][v]);
+        }
+      }
+    for (int v = 0; v < B; ++v) {  // the factors as Int4Weights::factors makes them
+      const int64_t at = ((b0 + v) * groups + g) * kLanes;
+      const __m512 sv = widen_bf16(w.scale + at);
+      const __m512 ov = _mm512_fmadd_ps(_mm512_set1_ps(-8.f), sv, widen_bf16(w.zero + at));
+      for (int r = 0; r < R; ++r)
+        acc[r][v] = _mm512_fmadd_ps(ov, _mm512_set1_ps(sums[r * groups + g]), _mm512_fmadd_ps(sv, part[r][v], acc[r][v]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < B; ++v) _mm512_storeu_ps(y + r * N + (b0 + v) * kLanes, acc[r][v]);
+}
+
+template <int R>
+void decode4_all(const float* x, const float* sums, int64_t K, int64_t N, float* y, const Int4Weights& w) {
+  constexpr int B = R == 1 ? 8 : R == 2 ? 4 : 2;  // R x B chains at once hide FMA latency; 2 R B registers
+  const int64_t blocks = N / kLanes;
+  at::parallel_for(0, (blocks + B - 1) / B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b0 = i * B;
+      if (b0 + B <= blocks)
+        decode4_rows<R, B>(x, sums, K, N, y, w, b0);
+      else
+        for (int64_t b = b0; b < blocks; ++b) decode4_rows<R, 1>(x, sums, K, N, y, w, b);
+    }
+  });
+}
+#endif
+
+// y = x @ W.T for M rows of int4: decode's registers or gemm4's tiles, the same bits either way.
+void linear4(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Int4Weights& w) {
+  std::vector<float> sums(M * w.groups());
+  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) group_sums(x + m * K, K, sums.data() + m * w.groups());
+  });
+#if defined(__AVX512F__)
+  switch (M) {
+    case 1: return decode4_all<1>(x, sums.data(), K, N, y, w);
+    case 2: return decode4_all<2>(x, sums.data(), K, N, y, w);
+    case 3: return decode4_all<3>(x, sums.data(), K, N, y, w);
+    case 4: return decode4_all<4>(x, sums.data(), K, N, y, w);
+    default: break;
+  }
+#endif
+  gemm4(x, sums.data(), M, K, N, y, w);
 }
 
 using Vec = at::vec::Vectorized<float>;
@@ -398,22 +566,23 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                       const at::Tensor& offset, const std::optional<at::Tensor>& norm, double eps, bool gate,
+                       const at::Tensor& zero, const std::optional<at::Tensor>& norm, double eps, bool gate,
                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(q.dim() == 3 && q.size(2) == kLanes && q.is_contiguous() && q.scalar_type() == at::kByte,
               "q: contiguous uint8 [out / 16, in / 2, 16]");
   const int64_t K = q.size(1) * 2, N = q.size(0) * kLanes;
   TORCH_CHECK(K % kGroup == 0, "int4: in_features must be a multiple of ", kGroup);
-  for (const auto* t : {&scale, &offset})
-    TORCH_CHECK(t->numel() == N * (K / kGroup) && t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "scale, offset: contiguous float32 [out / 16, in / 32, 16]");
+  for (const auto* t : {&scale, &zero})
+    TORCH_CHECK(t->numel() == N * (K / kGroup) && t->is_contiguous() && t->scalar_type() == at::kBFloat16,
+                "scale, zero: contiguous bfloat16 [out / 16, in / 32, 16]");
   const Around around{norm, eps, gate, bias, residual};
   const at::Tensor in = around.input(x, K);
   const int64_t M = in.size(0);
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  const Int4Weights w{q.data_ptr<uint8_t>(), scale.data_ptr<float>(), offset.data_ptr<float>(), K};
-  linear(in.data_ptr<float>(), M, K, N, y.data_ptr<float>(), w, nullptr);
+  const Int4Weights w{q.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>()), K};
+  linear4(in.data_ptr<float>(), M, K, N, y.data_ptr<float>(), w);
   around.finish(y);
   return y;
 }
@@ -490,7 +659,7 @@ TORCH_LIBRARY(dualpath_quant, m) {
       "int8_linear(Tensor x, Tensor q, Tensor scale, Tensor? norm=None, float eps=0., bool gate=False, "
       "Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def(
-      "int4_linear(Tensor x, Tensor q, Tensor scale, Tensor offset, Tensor? norm=None, float eps=0., "
+      "int4_linear(Tensor x, Tensor q, Tensor scale, Tensor zero, Tensor? norm=None, float eps=0., "
       "bool gate=False, Tensor? bias=None, Tensor? residual=None) -> Tensor");
   m.def("rope_store(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) kv, Tensor slot_mapping, int heads) -> Tensor");
 }

@@ -3,10 +3,13 @@ engine (reuse equals recompute) in every precision."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -108,6 +111,64 @@ def test_every_row_is_bitwise_the_same_in_any_batch(
             assert torch.equal(proj(x[:rows]), alone[:rows]), f"{rows} rows"
         ref = x.double() @ proj.weight().double().t()
         assert ((alone.double() - ref).abs().max() / ref.abs().max()) < 1e-2  # bf16 activations: ~4e-3
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
+def test_fused_layer_ops_equal_the_torch_ops_they_replace(
+    tiny_llama: Pair, precision: WeightPrecision
+) -> None:
+    """csrc's linears take the layer norm before them, SwiGLU of the gate/up output, and the residual
+    after: each fused call equals the plain call with torch's ops around it (to float rounding), and
+    stays bitwise row-independent, as the plain calls are."""
+    assert quant._ops() is not None, "csrc/quant_linear.cpp did not build (see the log)"
+    layer = load_model(tiny_llama.path, weights=precision).transformer.layers[1]
+    g = torch.Generator().manual_seed(0)
+    x, norm = torch.randn(300, 64, generator=g), torch.rand(64, generator=g) + 0.5
+    gate_up = torch.randn(300, 256, generator=g)  # [gate | up] of the 128-wide MLP
+    residual = torch.randn(300, 64, generator=g)
+    # (projection, input, its fused keywords as a function of the rows taken, the torch ops' result)
+    cases: list[tuple[quant.Projection, torch.Tensor, Callable[[slice], dict[str, Any]], torch.Tensor]] = [
+        (layer.qkv, x, lambda _: {"norm": norm, "eps": 1e-5}, layer.qkv(F.rms_norm(x, (64,), norm, 1e-5))),
+        (layer.o_proj, x, lambda rows: {"residual": residual[rows]}, residual + layer.o_proj(x)),
+        (
+            layer.down,
+            gate_up,
+            lambda rows: {"gate": True, "residual": residual[rows]},
+            residual + layer.down(F.silu(gate_up[:, :128]) * gate_up[:, 128:]),
+        ),
+    ]
+    for proj, inputs, fused, expected in cases:
+        torch.testing.assert_close(proj(inputs, **fused(slice(None))), expected, rtol=1e-4, atol=1e-4)
+        alone = torch.cat([proj(inputs[i : i + 1], **fused(slice(i, i + 1))) for i in range(len(inputs))])
+        for rows in (2, 4, 5, 64, 300):
+            assert torch.equal(proj(inputs[:rows], **fused(slice(rows))), alone[:rows]), f"{rows} rows"
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", *KV_16])
+def test_rope_store_equals_torch_rope_and_store(tiny_llama: Pair, kv_dtype: KVDtype) -> None:
+    """csrc's `rope_store` (quantized layers) rotates q and k and writes k and v into the pool at the
+    batch's slots in one pass: what `_rotate` and attention's store do in torch ops, to rounding."""
+    ops = quant._ops()
+    assert ops is not None, "csrc/quant_linear.cpp did not build (see the log)"
+    from dualpath_sdk.model.transformer import _rotate
+
+    model = load_model(tiny_llama.path)
+    spec, transformer = model.spec, model.transformer
+    heads, kv_heads = spec.num_heads, spec.num_kv_heads
+    engine = EngineCore(model, EngineConfig(block_size=BLOCK, num_blocks=8, kv_dtype=kv_dtype))
+    batch = AttentionBatch.build([SeqSlice(5, 20, [3, 1, 6]), SeqSlice(0, 1, [2])], BLOCK)
+    batch.cos, batch.sin = transformer.rope(batch.positions)
+    qkv = torch.randn(21, heads + 2 * kv_heads, spec.head_dim, generator=torch.Generator().manual_seed(2))
+    kv = engine.pool.layer(0)
+    q = ops.rope_store(qkv, batch.cos, batch.sin, kv, batch.slot_mapping, heads)
+    qk = _rotate(qkv[:, : heads + kv_heads], batch.cos, batch.sin)
+    torch.testing.assert_close(q, qk[:, :heads], rtol=1e-6, atol=1e-6)
+    slots = kv.view(-1, *kv.shape[2:])[batch.slot_mapping]  # [T, 2, kv_heads, D]
+    expected = torch.stack([qk[:, heads:], qkv[:, heads + kv_heads :]], dim=1).to(kv.dtype)
+    torch.testing.assert_close(slots, expected, rtol=1e-2 if kv_dtype != "fp32" else 1e-6, atol=1e-6)
+    written = torch.zeros(kv.shape[:2], dtype=torch.bool).view(-1)
+    written[batch.slot_mapping] = True
+    assert not kv.view(-1, *kv.shape[2:])[~written].any()  # nothing outside the slots
 
 
 def test_auto_picks_int4_and_fp16_kv_only_for_a_4_bit_checkpoint(tiny_llama: Pair, tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ eighth.
 Exactness within the engine needs a token's KV to be the same bits whichever forward computed it
 (decode, a prefill chunk, a long prefill, a batch): reuse must equal recompute. So every row count
 takes one kernel whose rows are bitwise independent of each other: csrc/quant_linear.cpp (fp32
-activations, one fused multiply-add chain per output in K order), or, where it cannot be built,
+activations, each output's sums in one fixed order, the layer's norms and residuals fused in), or,
+where it cannot be built,
 torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: bf16 activations,
 row-independent too, measured, but 2-2.5x slower than an fp32 GEMM in prefill). The two round
 differently, so each has its own scheme in the model fingerprint (`scheme`). Not an fp32 GEMM over
@@ -43,7 +44,7 @@ SCHEMES: dict[WeightPrecision, str] = {  # part of the model fingerprint: a new 
     "int4": "projections int4 g32 asymmetric least-squares bf16 scales",
 }
 _KERNELS = {
-    True: "csrc fma chains, fp32 activations, fused norms, swiglu and rope, v3",
+    True: "csrc fma chains, int4 group sums, fp32 activations, fused norms, swiglu and rope, v3",
     False: "torch packed, bf16 activations, v2",
 }
 GRID_ROWS = 64  # rows of each projection on_int4_grid checks (a file quantizes each tensor whole, one type)
@@ -199,10 +200,11 @@ class Int8Linear:
 
 
 class Int4Linear:
-    """int4 in groups of GROUP, asymmetric (Q4_1's levels, min to max in 15 steps): `w = q * scale +
-    offset`, `q` in 0..15, one bf16 scale and zero per group (the offset exact in fp32). csrc's
-    `int4_linear` (nibbles `[out / 16, in / 2, 16]`, scale and offset `[out / 16, in / 32, 16]`, fp32
-    activations), else `_weight_int4pack_mm_for_cpu` in its own CPU-specific packing (bf16 ones)."""
+    """int4 in groups of GROUP, asymmetric (Q4_1's levels, min to max in 15 steps): `w = (q - 8) * scale +
+    zero`, `q` in 0..15, one bf16 scale and zero per group. csrc's `int4_linear` (nibbles `[out / 16, in / 2,
+    16]`, scale and zero `[out / 16, in / 32, 16]`, fp32 activations; it sums `x * q` per group and applies
+    the group's scale and zero to the sum), else `_weight_int4pack_mm_for_cpu` in its own CPU-specific
+    packing (bf16 activations)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         n, k = weight.shape
@@ -216,8 +218,6 @@ class Int4Linear:
         levels = ((groups - low[..., None]) / step[..., None]).round().clamp(0, 15) - 8
         scale, zero = _fit_bf16(groups, levels, step, low + 8 * step)
         q = (levels + 8).view(n, k).to(torch.uint8)
-        # w = q * scale + offset: the same fp32 values (bf16 scale and zero: every term exact)
-        self.scale, self.offset = scale, zero - 8 * scale
         self._ops = _ops()
         self.dtype = torch.bfloat16 if self._ops is None else torch.float32
         if self._ops is not None:
@@ -226,26 +226,30 @@ class Int4Linear:
                 return t.view(n // 16, 16, -1).transpose(1, 2).contiguous()
 
             self.packed = blocked(q[:, 0::2] | (q[:, 1::2] << 4))
-            self.params: tuple[torch.Tensor, ...] = (blocked(scale), blocked(self.offset))
+            self.params: tuple[torch.Tensor, ...] = tuple(
+                blocked(t.to(torch.bfloat16)) for t in (scale, zero)
+            )
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1)
             self.params = (torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16),)
         self.bias = bias
-        self._levels = q if self._ops is None else None  # for weight(): torch's packing is opaque
+        # for weight(): torch's packing is opaque
+        self._levels_scale_zero = (q, scale, zero) if self._ops is None else None
 
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes + sum(p.nbytes for p in self.params)
 
     def weight(self) -> torch.Tensor:
-        """The fp32 weights the kernel multiplies by, `[out, in]`."""
-        if self._levels is not None:
-            q = self._levels
+        """The fp32 weights the kernel multiplies by, `[out, in]`: `(q - 8) * scale + zero`."""
+        if self._levels_scale_zero is not None:
+            q, scale, zero = self._levels_scale_zero
         else:
-            nibbles = self.packed.transpose(1, 2).reshape(len(self.scale), -1)
+            nibbles = self.packed.transpose(1, 2).reshape(-1, self.packed.shape[1])
             q = torch.stack([nibbles & 15, nibbles >> 4], -1).view(len(nibbles), -1)
-        w = q.float().view(len(q), -1, GROUP)
-        return torch.addcmul(self.offset[..., None], w, self.scale[..., None]).view(len(q), -1)
+            scale, zero = (t.transpose(1, 2).reshape(len(q), -1).float() for t in self.params)
+        w = q.float().view(len(q), -1, GROUP) - 8
+        return torch.addcmul(zero[..., None], w, scale[..., None]).view(len(q), -1)
 
     def __call__(
         self,
