@@ -225,7 +225,6 @@ void linear(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Wei
 // not a dequantizing FMA as well (a fifth fewer vector instructions: decode's linears 1.1-1.35x faster
 // with their weights in cache), and bf16 factors are half float32's bytes (the default model's int4
 // projections 67 MB, not 80).
-constexpr int64_t kRows4 = 3;  // rows per register tile: 3 x 4 running outputs, 3 x 4 group sums, 4 levels
 
 struct Int4Weights {
   const uint8_t* q;
@@ -239,10 +238,16 @@ struct Int4Weights {
       const uint8_t* src = q + (b * (K / 2) + (k0 + k) / 2) * kLanes;
       float* lo = tile + k * kPanel * kLanes + v * kLanes;
       float* hi = lo + kPanel * kLanes;
+#if defined(__AVX512F__)
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src)), low4 = _mm_set1_epi8(15);
+      _mm512_store_ps(lo, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4))));
+      _mm512_store_ps(hi, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4))));
+#else
       for (int64_t c = 0; c < kLanes; ++c) {
         lo[c] = static_cast<float>(src[c] & 15);
         hi[c] = static_cast<float>(src[c] >> 4);
       }
+#endif
     }
   }
   // block b's factors of group g: the scale and zero - 8 * scale, 16 channels each
@@ -272,17 +277,14 @@ void group_sums(const float* x, int64_t K, float* out) {
   }
 }
 
-// R rows against V blocks of a tile of levels holding whole groups: out[r][c] continues over the tile
-// (from 0 if `first`), one group at a time. `sums` [R, row_groups] the rows' group sums from the tile's
-// first group; `fs`, `fo` [groups in tile, kPanel, 16] the factors.
+// R rows against V blocks of a tile of levels holding whole groups: y[r][c] continues over the tile
+// (from 0 if `first`), one group at a time, kept in y between groups (the registers hold the group's
+// chains: R x V of them, as micro's). `sums` [R, row_groups] the rows' group sums from the tile's first
+// group; `fs`, `fo` [groups in tile, kPanel, 16] the factors.
 template <int R, int V>
 void micro4(const float* x, int64_t x_stride, const float* sums, int64_t row_groups, const float* tile,
             const float* fs, const float* fo, int64_t kc, float* y, int64_t y_stride, bool first) {
 #if defined(__AVX512F__)
-  __m512 acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v)
-      acc[r][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(y + r * y_stride + v * kLanes);
   for (int64_t g = 0; g * kGroup < kc; ++g) {
     __m512 part[R][V];
     for (int r = 0; r < R; ++r)
@@ -295,20 +297,19 @@ void micro4(const float* x, int64_t x_stride, const float* sums, int64_t row_gro
         for (int v = 0; v < V; ++v) part[r][v] = _mm512_fmadd_ps(xr, w[v], part[r][v]);
       }
     }
+    const bool zero = first && g == 0;
     for (int v = 0; v < V; ++v) {
       const __m512 s = _mm512_loadu_ps(fs + (g * kPanel + v) * kLanes);
       const __m512 o = _mm512_loadu_ps(fo + (g * kPanel + v) * kLanes);
-      for (int r = 0; r < R; ++r)
-        acc[r][v] = _mm512_fmadd_ps(o, _mm512_set1_ps(sums[r * row_groups + g]),
-                                    _mm512_fmadd_ps(s, part[r][v], acc[r][v]));
+      for (int r = 0; r < R; ++r) {
+        float* out = y + r * y_stride + v * kLanes;
+        const __m512 acc = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(out);
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(o, _mm512_set1_ps(sums[r * row_groups + g]),
+                                              _mm512_fmadd_ps(s, part[r][v], acc)));
+      }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(y + r * y_stride + v * kLanes, acc[r][v]);
 #else  // the same chains, laid out for the compiler to vectorize across the channels
-  float acc[R][V * kLanes];
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < V * kLanes; ++c) acc[r][c] = first ? 0.f : y[r * y_stride + c];
   for (int64_t g = 0; g * kGroup < kc; ++g) {
     float part[R][V * kLanes] = {};
     for (int64_t k = g * kGroup; k < (g + 1) * kGroup; ++k) {
@@ -316,25 +317,26 @@ void micro4(const float* x, int64_t x_stride, const float* sums, int64_t row_gro
       for (int r = 0; r < R; ++r)
         for (int64_t c = 0; c < V * kLanes; ++c) part[r][c] = std::fma(x[r * x_stride + k], wk[c], part[r][c]);
     }
+    const bool zero = first && g == 0;
     for (int r = 0; r < R; ++r)
-      for (int64_t c = 0; c < V * kLanes; ++c)
-        acc[r][c] = std::fma(fo[g * kPanel * kLanes + c], sums[r * row_groups + g],
-                             std::fma(fs[g * kPanel * kLanes + c], part[r][c], acc[r][c]));
+      for (int64_t c = 0; c < V * kLanes; ++c) {
+        float& out = y[r * y_stride + c];
+        out = std::fma(fo[g * kPanel * kLanes + c], sums[r * row_groups + g],
+                       std::fma(fs[g * kPanel * kLanes + c], part[r][c], zero ? 0.f : out));
+      }
   }
-  for (int r = 0; r < R; ++r)
-    for (int64_t c = 0; c < V * kLanes; ++c) y[r * y_stride + c] = acc[r][c];
 #endif
 }
 
 using Micro4 = void (*)(const float*, int64_t, const float*, int64_t, const float*, const float*, const float*,
                         int64_t, float*, int64_t, bool);
 template <int V, int... R>
-constexpr std::array<Micro4, kRows4> micro4_row(std::integer_sequence<int, R...>) {
+constexpr std::array<Micro4, kRows> micro4_row(std::integer_sequence<int, R...>) {
   return {&micro4<R + 1, V>...};
 }
 template <int... V>
-constexpr std::array<std::array<Micro4, kRows4>, kPanel> micro4_table(std::integer_sequence<int, V...>) {
-  return {micro4_row<V + 1>(std::make_integer_sequence<int, kRows4>{})...};
+constexpr std::array<std::array<Micro4, kRows>, kPanel> micro4_table(std::integer_sequence<int, V...>) {
+  return {micro4_row<V + 1>(std::make_integer_sequence<int, kRows>{})...};
 }
 constexpr auto kMicro4 = micro4_table(std::make_integer_sequence<int, kPanel>{});
 
@@ -359,8 +361,8 @@ void gemm4(const float* x, const float* sums, int64_t M, int64_t K, int64_t N, f
             for (int64_t g = 0; g < kc / kGroup; ++g)
               w.factors(b0 + i, k0 / kGroup + g, fs + (g * kPanel + i) * kLanes, fo + (g * kPanel + i) * kLanes);
           }
-          for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows4) {
-            const int64_t rows = std::min(kRows4, m_end - m0);
+          for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
+            const int64_t rows = std::min(kRows, m_end - m0);
             kMicro4[v - 1][rows - 1](x + m0 * K + k0, K, sums + m0 * groups + k0 / kGroup, groups, tile, fs, fo,
                                      kc, y + m0 * N + b0 * kLanes, N, k0 == 0);
           }
