@@ -10,14 +10,14 @@
 // prefill, a batch) and whatever the thread count: a token's KV never depends on the forward that
 // computed it.
 //
-// Weights are packed per block of 16 output channels, K-major inside a block. Up to 4 rows (decode),
-// each weight is widened in a register and used at once (decode_rows, decode4_rows, AVX-512). Beyond
-// (gemm, gemm4), a panel of up to four blocks is widened into a float32 tile once and then read by every
-// tile of rows (register-blocked, each chain kept in registers over the tile's K): the panel's whole K
-// (an L2 tile), once per block of rows whose activations fit in L2 beside it, so the widening costs
-// ~1/200 of the FMAs and x is not streamed from L3 once per panel: measured as fast as torch's fp32 GEMM
-// at 2K rows. Work runs under at::parallel_for (torch's thread pool and count: engines at one thread stay
-// at one).
+// Weights are packed per block of 16 output channels, K-major inside a block. Up to 4 rows of int8, 8 of
+// int4 (decode), each weight is widened in a register and used at once (decode_rows, decode4_rows,
+// AVX-512). Beyond (gemm, gemm4), a panel of up to four blocks is widened into a float32 tile once and
+// then read by every tile of rows (register-blocked, each chain kept in registers over the tile's K): the
+// panel's whole K (an L2 tile), once per block of rows whose activations fit in L2 beside it, so the
+// widening costs ~1/200 of the FMAs and x is not streamed from L3 once per panel: measured as fast as
+// torch's fp32 GEMM at 2K rows. Work runs under at::parallel_for (torch's thread pool and count: engines
+// at one thread stay at one).
 //
 // A decode step's layer also runs ~20 small ops besides its linears and attention, each microseconds of
 // dispatch whatever its size: more than half a step's time beside the linears'. So the linears take the
@@ -418,7 +418,7 @@ void decode4_rows(const float* x, const float* sums, int64_t K, int64_t N, float
 
 template <int R>
 void decode4_all(const float* x, const float* sums, int64_t K, int64_t N, float* y, const Int4Weights& w) {
-  constexpr int B = R == 1 ? 8 : R == 2 ? 4 : 2;  // R x B chains at once hide FMA latency; 2 R B registers
+  constexpr int B = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;  // R B chains hide FMA latency; 2 R B registers
   const int64_t blocks = N / kLanes;
   at::parallel_for(0, (blocks + B - 1) / B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -444,6 +444,10 @@ void linear4(const float* x, int64_t M, int64_t K, int64_t N, float* y, const In
     case 2: return decode4_all<2>(x, sums.data(), K, N, y, w);
     case 3: return decode4_all<3>(x, sums.data(), K, N, y, w);
     case 4: return decode4_all<4>(x, sums.data(), K, N, y, w);
+    case 5: return decode4_all<5>(x, sums.data(), K, N, y, w);
+    case 6: return decode4_all<6>(x, sums.data(), K, N, y, w);
+    case 7: return decode4_all<7>(x, sums.data(), K, N, y, w);
+    case 8: return decode4_all<8>(x, sums.data(), K, N, y, w);
     default: break;
   }
 #endif

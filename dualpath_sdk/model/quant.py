@@ -13,10 +13,9 @@ Exactness within the engine needs a token's KV to be the same bits whichever for
 (decode, a prefill chunk, a long prefill, a batch): reuse must equal recompute. So every row count
 takes one kernel whose rows are bitwise independent of each other: csrc/quant_linear.cpp (fp32
 activations, each output's sums in one fixed order, the layer's norms and residuals fused in), or,
-where it cannot be built,
-torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: bf16 activations,
-row-independent too, measured, but 2-2.5x slower than an fp32 GEMM in prefill). The two round
-differently, so each has its own scheme in the model fingerprint (`scheme`). Not an fp32 GEMM over
+where it cannot be built, torch's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`:
+bf16 activations, row-independent too, measured, but 2-2.5x slower than an fp32 GEMM in prefill). The
+two round differently, so each has its own scheme in the model fingerprint (`scheme`). Not an fp32 GEMM over
 dequantized weights for prefill, as before: its sums run in another order than the kernel's, a bf16
 ulp apart in ~1e-4 of the outputs, which made reuse and recompute diverge in 1-2 of 8 chats.
 
@@ -73,8 +72,8 @@ def scheme(precision: WeightPrecision) -> str:
 class Projection(Protocol):
     """`x @ W.T (+ b)`, with the layer's work around it: the input RMS-normalized by `norm` first (the
     layer norms), or SwiGLU's `silu(gate) * up` of x's two halves (`gate`: x is the gate/up projection's
-    output); the `residual` added after. csrc's kernels do it in the same call (a decode step's small ops
-    cost more than its linears' bytes), torch's paths in torch ops, the bits the layer had before.
+    output); the `residual` added after. csrc's kernels do it in the same call (in a decode step those
+    small ops, dispatched one by one, cost about as much as the linears), torch's paths in torch ops.
     The result comes in `dtype`, the one the multiplication runs in (or the bias's or residual's, wider):
     the caller casts only where the next op needs it."""
 
