@@ -342,7 +342,7 @@ def on_int4_grid(weights: Mapping[str, torch.Tensor]) -> bool:
 def auto_precision(choice: WeightChoice, weights: Mapping[str, torch.Tensor]) -> WeightPrecision:
     """EngineConfig.weights resolved for a checkpoint: "auto" is int4 where the projections are 4-bit
     already and csrc's kernel runs them (the default model: greedy tokens identical to fp32's on the
-    agreement prompts, decode ~2x fp32's, prefill as fast; bench engine), else fp32, the reference.
+    agreement prompts, decode ~3x fp32's, prefill as fast; bench engine), else fp32, the reference.
     Not on torch's packed kernels: their prefill is 2-2.5x slower than fp32's."""
     if choice != "auto":
         return choice
