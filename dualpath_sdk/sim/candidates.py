@@ -10,7 +10,7 @@ narrowed reports give the decisions of the full ones, pass by pass.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Hashable, Mapping, Sequence, Sized
+from collections.abc import Hashable, Iterable, Mapping, Sequence, Sized
 from typing import cast
 
 from dualpath_sdk.scheduler import EngineReport, Waiting
@@ -91,6 +91,12 @@ class SimReports:
 
     def read_q(self, node: Hashable) -> int:
         return self.nodes[cast(int, node)].read_q
+
+    def idle(self, changed: Iterable[int]) -> bool:
+        """True when a pass walking the `changed` groups would place nothing: the global queue is empty or
+        no PE is under beta (so no PE report), and none of those groups has a queue. Most passes of a
+        storage-bound run are such (every finish asks for one), so the simulator skips them."""
+        return not (len(self.queue) and self.under_beta) and not any(self.nodes[g].de_queue for g in changed)
 
     # --- load changes --------------------------------------------------------------------------------------
 

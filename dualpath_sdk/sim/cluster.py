@@ -14,6 +14,7 @@ read, which changes neither the storage-bound picture nor the ratios.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -94,6 +95,7 @@ class Simulation:
         self._pending = False
         self._dirty: dict[int, None] = {}  # DE groups whose memory was freed since the last pass
         self._seq = itertools.count()
+        self._unplaced: dict[int, SimRequest] = {}  # calls by agent, from their creation to their DE choice
         self.options = options
         self.tool_latency_s = options.tool_latency_s
         agents = len(self.starts)
@@ -130,7 +132,13 @@ class Simulation:
             self.balance.start()
         for agent, t in enumerate(self.starts):
             self.loop.at(t, self._arrive, self._call(agent, 0, 0, 0))
-        self.loop.run()
+        # What exists now lives all run (the trajectories alone are agents x calls ints): frozen, the
+        # collector's full passes skip it instead of walking it again.
+        gc.freeze()
+        try:
+            self.loop.run()
+        finally:
+            gc.unfreeze()
         return self.metrics
 
     def _call(self, agent: int, call: int, prev_tokens: int, prev_gen: int) -> SimRequest:
@@ -146,7 +154,8 @@ class Simulation:
             m.history_tokens += cached
             cached = self.store.lookup(agent, cached // self.bt) * self.bt
             m.hit_tokens += cached
-        return SimRequest(agent, call, tokens, cached, self.gen[agent][call])
+        r = self._unplaced[agent] = SimRequest(agent, call, tokens, cached, self.gen[agent][call])
+        return r
 
     def _next_call(self, arg: tuple[int, int, int, int]) -> None:
         """The agent's tool ran `tool_latency_s`: its next call arrives."""
@@ -168,11 +177,13 @@ class Simulation:
         """One pipeline pass, applied: PEs and groups charged, group queues moved on, reads started."""
         self._pending = False
         changed, self._dirty = self._dirty, {}
-        done = self.pipeline.place(self.queue, self.reports, changed)
         reports = self.reports
+        if reports.idle(changed):
+            return
+        done = self.pipeline.place(self.queue, reports, changed)
         now = self.loop.now
         for w in done.fetched:
-            r = cast(SimRequest, self.queue.popleft().request_id)
+            r = self._unplaced[cast(int, self.queue.popleft().request_id)]
             r.t_fetch = now
             e = r.pe = self.pes[cast(int, w.pe)]
             e.tok_e += r.tokens
@@ -183,7 +194,7 @@ class Simulation:
             reports.group_changed(node)
             node.de_queue.append(w)
         for d in done.admitted:
-            r = cast(SimRequest, d.request.request_id)
+            r = self._unplaced.pop(cast(int, d.request.request_id))
             de = r.de = self.des[cast(int, d.de)]
             de.node.de_queue.popleft()
             need = r.tokens + r.gen

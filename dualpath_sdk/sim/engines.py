@@ -11,7 +11,9 @@ from dualpath_sdk.sim.presets import Preset
 
 
 class SimRequest:
-    """One LLM call of one agent; `request` is how the scheduler sees it (its request_id is this call)."""
+    """One LLM call of one agent; `request` is how the scheduler sees it. Its request_id is the agent (an
+    agent has one call at a time): an id pointing back at this object would make every call a reference
+    cycle, which only the garbage collector's full passes free, over a heap they then keep growing."""
 
     __slots__ = (
         "agent",
@@ -39,7 +41,7 @@ class SimRequest:
         self.tokens = tokens
         self.cached = cached
         self.gen = gen
-        self.request = Request(self, tokens, cached, gen)
+        self.request = Request(agent, tokens, cached, gen)
         self.arrival = 0.0
         self.t_fetch = 0.0  # its PE and DE group chosen: it left the global queue
         self.t_first = 0.0
