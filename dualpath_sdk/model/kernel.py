@@ -101,7 +101,7 @@ def kernel_op() -> Callable[..., torch.Tensor] | None:
 
 @cache
 def quant_ops() -> Any | None:
-    """The loaded quantized linears (`int8_linear`, `int4_linear`), or None, logged once."""
+    """The loaded quantized layer ops (`int8_linear`, `int4_linear`, `rope_store`), or None, logged once."""
     try:
         library = _library(QUANT_SOURCE, QUANT_NAME)
         if not hasattr(torch.ops.dualpath_quant, "int8_linear"):
