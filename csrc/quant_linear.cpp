@@ -129,6 +129,28 @@ struct Int8Weights {
   }
 };
 
+// `n` floats starting on a 64-byte boundary (the tiles' aligned loads), in storage `holder` owns.
+float* aligned_floats(std::unique_ptr<float[]>& holder, int64_t n) {
+  holder.reset(new float[n + kLanes]);
+  const auto misaligned = reinterpret_cast<uintptr_t>(holder.get()) / sizeof(float) % kLanes;
+  return holder.get() + (kLanes - misaligned) % kLanes;
+}
+
+// Blocks [0, blocks) B at a time under at::parallel_for (torch's pool and thread count): `wide(b0)` runs
+// the B blocks from b0, `one(b)` a block of the last, shorter run alone.
+template <int64_t B, typename Wide, typename One>
+void by_blocks(int64_t blocks, const Wide& wide, const One& one) {
+  at::parallel_for(0, (blocks + B - 1) / B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b0 = i * B;
+      if (b0 + B <= blocks)
+        wide(b0);
+      else
+        for (int64_t b = b0; b < blocks; ++b) one(b);
+    }
+  });
+}
+
 // Rows whose activations stay in L2 (~512 KiB of them) while every panel passes over them: a prefill
 // of thousands of rows otherwise streams all of x from L3 once per panel and K-chunk.
 int64_t block_rows(int64_t K) { return std::max(kRows, (int64_t{1} << 17) / K / kRows * kRows); }
@@ -140,9 +162,8 @@ void gemm(const float* x, int64_t M, int64_t K, int64_t N, float* y, const Weigh
   for (int64_t m_begin = 0; m_begin < M; m_begin += rows_per) {
     const int64_t m_end = std::min(M, m_begin + rows_per);
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<float[]> scratch(new float[chunk * kPanel * kLanes + kLanes]);  // room to align
-      const auto misaligned = reinterpret_cast<uintptr_t>(scratch.get()) / sizeof(float) % kLanes;
-      float* const tile = scratch.get() + (kLanes - misaligned) % kLanes;  // on 64 bytes
+      std::unique_ptr<float[]> scratch;
+      float* const tile = aligned_floats(scratch, chunk * kPanel * kLanes);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t b0 = p * kPanel, v = std::min(kPanel, blocks - b0);
         for (int64_t k0 = 0; k0 < K; k0 += chunk) {
@@ -188,16 +209,9 @@ void decode_rows(const float* x, int64_t K, int64_t N, float* y, const Int8Weigh
 
 template <int R, typename Weights>
 void decode_all(const float* x, int64_t K, int64_t N, float* y, const Weights& w, const float* scale) {
-  const int64_t blocks = N / kLanes;
-  at::parallel_for(0, (blocks + kDecodeBlocks - 1) / kDecodeBlocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b0 = i * kDecodeBlocks;
-      if (b0 + kDecodeBlocks <= blocks)
-        decode_rows<R, kDecodeBlocks>(x, K, N, y, w, b0, scale);
-      else
-        for (int64_t b = b0; b < blocks; ++b) decode_rows<R, 1>(x, K, N, y, w, b, scale);
-    }
-  });
+  by_blocks<kDecodeBlocks>(
+      N / kLanes, [&](int64_t b0) { decode_rows<R, kDecodeBlocks>(x, K, N, y, w, b0, scale); },
+      [&](int64_t b) { decode_rows<R, 1>(x, K, N, y, w, b, scale); });
 }
 #endif
 
@@ -347,9 +361,8 @@ void gemm4(const float* x, const float* sums, int64_t M, int64_t K, int64_t N, f
     const int64_t m_end = std::min(M, m_begin + rows_per);
     at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
       const int64_t tile_floats = chunk * kPanel * kLanes, factor_floats = chunk / kGroup * kPanel * kLanes;
-      std::unique_ptr<float[]> scratch(new float[tile_floats + 2 * factor_floats + kLanes]);  // room to align
-      const auto misaligned = reinterpret_cast<uintptr_t>(scratch.get()) / sizeof(float) % kLanes;
-      float* const tile = scratch.get() + (kLanes - misaligned) % kLanes;  // on 64 bytes
+      std::unique_ptr<float[]> scratch;
+      float* const tile = aligned_floats(scratch, tile_floats + 2 * factor_floats);
       float* const fs = tile + tile_floats;
       float* const fo = fs + factor_floats;
       for (int64_t p = begin; p < end; ++p) {
@@ -419,16 +432,9 @@ void decode4_rows(const float* x, const float* sums, int64_t K, int64_t N, float
 template <int R>
 void decode4_all(const float* x, const float* sums, int64_t K, int64_t N, float* y, const Int4Weights& w) {
   constexpr int B = R == 1 ? 8 : R == 2 ? 4 : R <= 4 ? 2 : 1;  // R B chains hide FMA latency; 2 R B registers
-  const int64_t blocks = N / kLanes;
-  at::parallel_for(0, (blocks + B - 1) / B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b0 = i * B;
-      if (b0 + B <= blocks)
-        decode4_rows<R, B>(x, sums, K, N, y, w, b0);
-      else
-        for (int64_t b = b0; b < blocks; ++b) decode4_rows<R, 1>(x, sums, K, N, y, w, b);
-    }
-  });
+  by_blocks<B>(
+      N / kLanes, [&](int64_t b0) { decode4_rows<R, B>(x, sums, K, N, y, w, b0); },
+      [&](int64_t b) { decode4_rows<R, 1>(x, sums, K, N, y, w, b); });
 }
 #endif
 

@@ -80,6 +80,10 @@ class AttentionBatch:
             block_size=block_size,
         )
 
+    def backend(self, device: torch.device) -> AttentionBackend:
+        """The backend for `device`, chosen once per forward: every layer attends with the same one."""
+        return self.cached(("backend", device), lambda: backend_for(device))
+
     def cached(self, key: Any, make: Callable[[], T]) -> T:
         """What a backend derives from this batch once per forward and reuses in every layer."""
         if key not in self._plans:
@@ -113,7 +117,7 @@ def attention(
     EngineConfig.kv_dtype) whether it was computed in this forward or loaded."""
     slots = kv.view(-1, *kv.shape[2:])  # [num_blocks * block_size, 2, kv_heads, D]
     slots[batch.slot_mapping] = torch.stack([k, v], dim=1).to(kv.dtype)  # a 16-bit pool: rounded here
-    return backend_for(kv.device).attend(q, kv, batch, window)
+    return batch.backend(kv.device).attend(q, kv, batch, window)
 
 
 _forced: list[str] = []

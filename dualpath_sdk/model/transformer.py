@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from dualpath_sdk.config import WeightPrecision
 from dualpath_sdk.model import quant
-from dualpath_sdk.model.attention import AttentionBatch, attention, backend_for
+from dualpath_sdk.model.attention import AttentionBatch, attention
 from dualpath_sdk.model.spec import ModelSpec
 
 
@@ -109,8 +109,7 @@ class Transformer:
         window = spec.sliding_window[index]
         if self._ops is not None:  # RoPE on q and k, and k, v into the pool: one pass
             q = self._ops.rope_store(qkv, batch.cos, batch.sin, kv, batch.slot_mapping, heads)
-            backend = batch.cached(("backend", kv.device), lambda: backend_for(kv.device))
-            out = backend.attend(q, kv, batch, window)
+            out = batch.backend(kv.device).attend(q, kv, batch, window)
         else:
             qk = _rotate(qkv[:, : heads + kv_heads], batch.cos, batch.sin)
             out = attention(qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :], kv, batch, window)
